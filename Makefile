@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Both create or reuse .venv from the
+# pinned CPU lock (requirements/cpu.lock).
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BACKEND ?= torch
+BACKENDS ?= torch tensorflow jax
+DEMO_DIR ?= demo-data
+DEMO_RUN ?= runs/demo-$(BACKEND)
+
+.PHONY: venv demo test lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/cpu.lock
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/cpu.lock
+	touch $@
+
+demo: venv
+	$(PY) cli.py make-demo-data $(DEMO_DIR)
+	KERAS_BACKEND=$(BACKEND) $(PY) cli.py train --data-dir $(DEMO_DIR) --image-size 64 \
+		--batch-size 16 --epochs 6 --lr 1e-3 --weights none --out $(DEMO_RUN) --verbose 2
+
+test: venv
+	PY=$(PY) BACKENDS="$(BACKENDS)" scripts/test-backends $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(DEMO_DIR) runs .pytest_cache

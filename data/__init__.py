@@ -1,0 +1,1 @@
+"""The one, framework-neutral input pipeline: discovery, decoding, augmentation, batches."""

@@ -1,0 +1,149 @@
+"""Training augmentation and normalization in NumPy and Pillow.
+
+The recipe follows the original study's PyTorch pipeline (torchvision's
+RandomResizedCrop, RandomHorizontalFlip, RandomRotation). Every random draw
+comes from a generator seeded by (seed, epoch, example index) alone, so an
+augmented image does not depend on the backend, the worker count or the order
+in which batches are produced. Crop, flip and rotation are folded into one
+affine map and resampled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+_AUGMENT_TAG = 0x4155
+
+# What keras.applications.resnet50.preprocess_input ("caffe" mode) subtracts, in BGR order.
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+PREPROCESS_MODES = ("caffe", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Which augmentations run, and their ranges."""
+
+    crop: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    rotate_degrees: float = 10.0
+
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        return cls(crop=False, flip_prob=0.0, rotate_degrees=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop or self.flip_prob > 0 or self.rotate_degrees > 0
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator for one example in one epoch."""
+    return np.random.default_rng([_AUGMENT_TAG, seed, epoch, index])
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+    """Draws `(top, left, crop_height, crop_width)` as torchvision's RandomResizedCrop does."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: a central crop at the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_params(
+    rng: np.random.Generator, size: int, config: AugmentConfig
+) -> tuple[tuple[int, int, int, int], bool, float]:
+    """Draws the crop box, the flip and the rotation angle (degrees) for one image."""
+    box = (0, 0, size, size)
+    if config.crop:
+        box = random_resized_crop_box(rng, size, size, config.crop_scale, config.crop_ratio)
+    flip = bool(config.flip_prob > 0 and rng.random() < config.flip_prob)
+    angle = 0.0
+    if config.rotate_degrees > 0:
+        angle = float(rng.uniform(-config.rotate_degrees, config.rotate_degrees))
+    return box, flip, angle
+
+
+def _output_to_input_map(
+    size: int, box: tuple[int, int, int, int], flip: bool, angle: float
+) -> np.ndarray:
+    """The affine map from output pixel coordinates to input ones.
+
+    The image is cropped to `box` and resized to `size`, then flipped, then
+    rotated counter-clockwise by `angle` degrees about its centre; the inverse
+    of that chain, composed, is what Pillow's affine transform samples with.
+    """
+    top, left, h, w = box
+    crop = np.array([[w / size, 0, left], [0, h / size, top], [0, 0, 1]])
+    mirror = np.array([[-1, 0, size], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+    a = -math.radians(angle)
+    c = size / 2
+    to_centre = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1]])
+    from_centre = np.array([[1, 0, c], [0, 1, c], [0, 0, 1]])
+    turn = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    return crop @ mirror @ from_centre @ turn @ to_centre
+
+
+def augment_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """Returns a randomly cropped, flipped and rotated copy of a square uint8 image."""
+    size = image.shape[0]
+    box, flip, angle = augment_params(rng, size, config)
+    if box == (0, 0, size, size) and angle == 0.0:
+        return image[:, ::-1].copy() if flip else image
+    matrix = _output_to_input_map(size, box, flip, angle)
+    out = Image.fromarray(image).transform(
+        (size, size),
+        Image.Transform.AFFINE,
+        tuple(matrix[:2].ravel()),
+        resample=Image.Resampling.BILINEAR,
+        fillcolor=(0, 0, 0),
+    )
+    return np.asarray(out)
+
+
+def normalize(images: np.ndarray, mode: str) -> np.ndarray:
+    """Maps a uint8 RGB batch to the float32 input the model expects.
+
+    `caffe`: RGB to BGR and subtract the ImageNet mean on the 0-255 scale, which
+    is `keras.applications.resnet50.preprocess_input` and what the Keras
+    ImageNet weights were trained with. `imagenet`: x/255, then the ImageNet
+    mean and standard deviation per RGB channel, as torchvision's recipe does.
+    """
+    if mode == "caffe":
+        # One pass: uint8 -> float32 and the subtraction fused, same bytes as two steps.
+        return np.subtract(images[..., ::-1], CAFFE_MEAN_BGR, dtype=np.float32)
+    if mode == "imagenet":
+        x = np.divide(images, np.float32(255.0), dtype=np.float32)
+        x -= IMAGENET_MEAN
+        x /= IMAGENET_STD
+        return x
+    raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {PREPROCESS_MODES}")

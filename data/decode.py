@@ -1,0 +1,73 @@
+"""Decoding any image Pillow can read into RGB uint8 at a fixed square size.
+
+Pillow only (no backend ops), so the bytes are the same whichever Keras
+backend is active.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+
+class DecodeError(ValueError):
+    """An image file could not be read."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Maps 16- and 32-bit grayscale and float images to 8-bit grayscale."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+    else:  # "F"
+        pixels = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """Returns an `L` or `RGB` image; transparency is composited over black."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
+        return _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode == "1":
+        return img.convert("L")
+    return img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_and_resize(path: str, size: int) -> np.ndarray:
+    """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
+
+    Grayscale images are resized in one channel and repeated, which gives the
+    same bytes as resizing their RGB conversion. Raises `DecodeError` with the
+    reason when the file cannot be read.
+    """
+    try:
+        with warnings.catch_warnings():
+            # A DecompressionBombWarning becomes an error: such an image is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = _flatten(img)
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DecodeError(f"cannot decode: {e}") from None
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(pixels)

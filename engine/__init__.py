@@ -1,0 +1,1 @@
+"""Running experiments: backend checks, run directories, metrics and the training loop."""

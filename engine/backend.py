@@ -1,0 +1,128 @@
+"""Everything that depends on which Keras backend is active, in one place.
+
+The rest of the project is backend-agnostic Keras; any `if backend == ...`
+belongs here.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+SUPPORTED_BACKENDS = ("torch", "tensorflow", "jax")
+_FRAMEWORK_PACKAGES = {
+    "torch": ("torch",),
+    "tensorflow": ("tensorflow-cpu", "tensorflow"),
+    "jax": ("jax", "jaxlib"),
+}
+
+
+class BackendError(RuntimeError):
+    """The requested Keras backend is unknown or not installed."""
+
+
+def selected_backend() -> str:
+    """The backend Keras will use: `KERAS_BACKEND`, else keras.json, else tensorflow."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    try:
+        return json.loads((home / "keras.json").read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def check_backend() -> str:
+    """Returns the selected backend after checking it is supported and installed.
+
+    Call before importing keras, which would fail later with a traceback.
+    """
+    name = selected_backend()
+    if name not in SUPPORTED_BACKENDS:
+        raise BackendError(
+            f"unknown KERAS_BACKEND={name!r}; use one of {', '.join(SUPPORTED_BACKENDS)}"
+        )
+    if importlib.util.find_spec(name) is None:
+        raise BackendError(
+            f"KERAS_BACKEND={name} but {name} is not installed; run `make venv` "
+            f"(or pip install -r requirements/cpu.lock)"
+        )
+    return name
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions, platform and devices of this process (imports keras)."""
+    import keras
+
+    backend = keras.backend.backend()
+    versions = {"python": platform.python_version(), "keras": keras.__version__}
+    for package in ("numpy", "pillow", "h5py", "click"):
+        versions[package] = _version(package)
+    for _name, packages in _FRAMEWORK_PACKAGES.items():
+        for package in packages:
+            if (v := _version(package)) is not None:
+                versions[package] = v
+    return {
+        "backend": backend,
+        "versions": versions,
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "devices": devices(),
+        "argv": sys.argv,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def devices() -> list[str]:
+    """The accelerators the active backend sees, or `["cpu"]`."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return [g.name for g in gpus]
+    elif backend == "jax":
+        import jax
+
+        accelerators = [str(d) for d in jax.devices() if d.platform != "cpu"]
+        if accelerators:
+            return accelerators
+    return ["cpu"]
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process, in MiB (Linux and macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,70 @@
+"""Classification metrics from logits, in NumPy (so every backend is scored alike)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean categorical cross-entropy of integer labels under softmax(logits)."""
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """Loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix."""
+    labels = np.asarray(labels)
+    predictions = logits.argmax(axis=1)
+    matrix = confusion_matrix(labels, predictions, len(classes))
+    true_pos = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0)
+    actual = matrix.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, actual, out=np.zeros_like(true_pos), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    return {
+        "count": len(labels),
+        "loss": cross_entropy(logits, labels),
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(actual[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def format_table(columns: dict[str, dict[str, float | None]], rows: list[str]) -> str:
+    """A Markdown table: one row per metric name, one column per run."""
+    header = "| Metric | " + " | ".join(columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for values in columns.values():
+            v = values.get(row)
+            cells.append("n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""`run_training`: one training run, from a data folder to a complete run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from data.augment import AugmentConfig
+from data.discovery import DatasetError, Example, Splits, make_splits
+from data.loader import DecodedCache, MRIBatches, scan_examples
+from engine.backend import environment, peak_memory_mb
+from engine.metrics import classification_report, format_table
+from engine.rundir import prepare_run_dir, write_json
+from model import build_classifier, load_initial_weights
+
+RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a training run; the defaults follow the original study."""
+
+    data_dir: str
+    out: str | None = None
+    runs_root: str = "runs"
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 10
+    learning_rate: float = 1e-4
+    weights: str = "imagenet"
+    init_weights: str | None = None
+    freeze: str = "none"
+    dropout: float = 0.2
+    bn_momentum: float | None = None
+    preprocess: str = "caffe"
+    augment: str = "standard"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    rotate_degrees: float = 10.0
+    val_split: float = 0.1
+    test_split: float = 0.0
+    split_seed: int = 0
+    seed: int = 0
+    workers: int = 2
+    cache: bool = True
+    verbose: int = 1
+
+    def augment_config(self) -> AugmentConfig:
+        if self.augment == "none":
+            return AugmentConfig.none()
+        if self.augment != "standard":
+            raise ValueError(f"augment must be 'standard' or 'none', got {self.augment!r}")
+        return AugmentConfig(
+            crop=True,
+            crop_scale=tuple(self.crop_scale),
+            crop_ratio=tuple(self.crop_ratio),
+            flip_prob=self.flip_prob,
+            rotate_degrees=self.rotate_degrees,
+        )
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `seconds` and `images_per_second` to each epoch's logs (and so to history.csv)."""
+
+    def __init__(self, num_images: int) -> None:
+        super().__init__()
+        self.num_images = num_images
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start
+        if logs is not None:
+            logs["seconds"] = seconds
+            logs["images_per_second"] = self.num_images / seconds
+
+
+def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> tuple[list[Example], list]:
+    if not examples:
+        return [], []
+    bar = keras.utils.Progbar(len(examples), verbose=1 if cfg.verbose else 0, unit_name="image")
+    log(f"Decoding {len(examples)} {name} images at {cfg.image_size} px")
+    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update)
+    for path, reason in skipped:
+        log(f"  skipped {path}: {reason}")
+    return good, skipped
+
+
+def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
+    batches = MRIBatches(
+        examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers
+    )
+    logits = model.predict(batches, verbose=0)
+    return np.asarray(logits, dtype=np.float32), batches.labels
+
+
+def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str]) -> dict:
+    return {
+        "val": classification_report(*_predict(model, val, cfg, cache), classes) if val else None,
+        "test": classification_report(*_predict(model, test, cfg, cache), classes) if test else None,
+    }
+
+
+def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Trains the classifier as `cfg` says and fills the run directory.
+
+    Writes config.json, initial.weights.h5, history.csv, best.weights.h5, model.keras,
+    skipped.txt and metrics.json; returns the metrics.
+    """
+    backend = keras.backend.backend()
+    run_dir = prepare_run_dir(cfg.out, backend, cfg.runs_root)
+    augment = cfg.augment_config()  # Validates the option before any work.
+    splits: Splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
+    log(f"Run directory: {run_dir}")
+    log(f"Backend: {backend}; classes: {', '.join(splits.classes)}; test set: {splits.test_source}")
+
+    cache = DecodedCache() if cfg.cache else None
+    train, skipped_train = _scan("training", splits.train, cfg, cache, log)
+    val, skipped_val = _scan("validation", splits.val, cfg, cache, log)
+    test, skipped_test = _scan("test", splits.test, cfg, cache, log)
+    skipped = skipped_train + skipped_val + skipped_test
+    (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    if skipped:
+        log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
+    if not train:
+        raise DatasetError(f"no readable training images in {cfg.data_dir}")
+    counts = Splits(splits.classes, train, val, test, splits.test_source, splits.ignored).counts()
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_classifier(
+        len(splits.classes), cfg.image_size, cfg.weights, cfg.freeze, cfg.dropout, cfg.bn_momentum
+    )
+    if cfg.init_weights:
+        load_initial_weights(model, cfg.init_weights)
+    model.save_weights(run_dir / "initial.weights.h5")
+
+    write_json(
+        run_dir / "config.json",
+        {
+            "options": dataclasses.asdict(cfg),
+            "classes": splits.classes,
+            "test_source": splits.test_source,
+            "counts": counts,
+            "skipped_files": len(skipped),
+            "ignored_files": len(splits.ignored),
+            "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
+            "environment": environment(),
+        },
+    )
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    train_batches = MRIBatches(
+        train, cfg.image_size, cfg.batch_size, cfg.preprocess, augment,
+        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
+    )
+    val_batches = (
+        MRIBatches(val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers)
+        if val else None
+    )
+    monitor = "val_accuracy" if val else "accuracy"
+    callbacks = [
+        EpochTimer(len(train)),
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / "best.weights.h5"), monitor=monitor, mode="max",
+            save_best_only=True, save_weights_only=True,
+        ),
+    ]
+    history = model.fit(
+        train_batches,
+        validation_data=val_batches,
+        epochs=cfg.epochs,
+        shuffle=False,  # The order is the pipeline's own seeded permutation.
+        callbacks=callbacks,
+        verbose=cfg.verbose,
+    ).history
+    model.save(run_dir / "model.keras")
+
+    final = _evaluate(model, val, test, cfg, cache, splits.classes)
+    best_epoch = int(np.argmax(history[monitor]))
+    model.load_weights(run_dir / "best.weights.h5")
+    best = _evaluate(model, val, test, cfg, cache, splits.classes)
+    metrics = {
+        "backend": backend,
+        "epochs": cfg.epochs,
+        "train": {"loss": history["loss"][-1], "accuracy": history["accuracy"][-1]},
+        **final,
+        "best": {
+            "epoch": best_epoch + 1,
+            "monitor": monitor,
+            "train": {"loss": history["loss"][best_epoch], "accuracy": history["accuracy"][best_epoch]},
+            **best,
+        },
+        "seconds_per_epoch": float(np.mean(history["seconds"])),
+        "train_images_per_second": float(np.mean(history["images_per_second"])),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "counts": counts,
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "failed_during_training": [{"path": p, "reason": r} for p, r in train_batches.failed],
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    log("\n" + results_table({
+        f"{backend} (final)": metrics,
+        f"{backend} (best, epoch {best_epoch + 1})": metrics["best"],
+    }))
+    log(f"\nRun directory: {run_dir}")
+    return metrics
+
+
+def results_row(metrics: dict) -> dict[str, float | None]:
+    """The original study's results-table values of one run."""
+    test = metrics.get("test") or {}
+    return {
+        "Train Loss": metrics["train"]["loss"],
+        "Train Accuracy": metrics["train"]["accuracy"],
+        "Val Accuracy": (metrics.get("val") or {}).get("accuracy"),
+        "Test Loss": test.get("loss"),
+        "Test Accuracy": test.get("accuracy"),
+        "Test macro-F1": test.get("macro_f1"),
+    }
+
+
+def results_table(runs: dict[str, dict]) -> str:
+    """The results table, one column per run (e.g. per backend)."""
+    return format_table({name: results_row(m) for name, m in runs.items()}, RESULT_ROWS)
+

@@ -1,0 +1,52 @@
+"""Shared fixtures: small generated datasets, so the suite needs no real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.demo import make_demo_data
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("torch", "tensorflow", "jax")
+
+
+def active_backend() -> str:
+    import keras
+
+    return keras.backend.backend()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo phantom dataset, small: 8 training and 3 test images per class."""
+    path = tmp_path_factory.mktemp("demo")
+    make_demo_data(path, train_per_class=8, test_per_class=3)
+    return path
+
+
+def write_image(path: Path, array: np.ndarray, mode: str | None = None, **save_kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path, **save_kwargs) if mode else Image.fromarray(array).save(path, **save_kwargs)
+    return path
+
+
+def make_layout(root: Path, splits: dict[str, dict[str, int]], size: int = 40) -> Path:
+    """Writes `{split: {class: n_images}}` of random gray JPEGs under `root`."""
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        for name, n in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                write_image(folder / f"{i:03d}.jpg", rng.integers(0, 256, (size, size), dtype=np.uint8))
+    return root
+
+
+def cli_env(backend: str) -> dict[str, str]:
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    return env
