@@ -116,9 +116,13 @@ def cli() -> None:
 @_user_errors
 def train(**options) -> None:
     """Fine-tune the ResNet50 classifier and write a run directory."""
-    from engine.train import TrainConfig, run_training
+    from engine.config import TrainConfig, preflight
 
-    run_training(TrainConfig(**options))
+    cfg = TrainConfig(**options)
+    checked = preflight(cfg)  # Before the backend loads: bad input fails fast.
+    from engine.train import run_training
+
+    run_training(cfg, checked)
 
 
 @cli.command("make-demo-data")
@@ -146,7 +150,7 @@ def pipeline_hash_command(epoch: int, num_batches: int, augment: str, **options)
 
     from data.discovery import make_splits
     from data.loader import DecodedCache, MRIBatches, pipeline_hash, scan_examples
-    from engine.train import TrainConfig
+    from engine.config import TrainConfig
 
     cfg = TrainConfig(augment=augment, **options)
     splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)

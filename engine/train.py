@@ -9,59 +9,15 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from data.augment import AugmentConfig
-from data.discovery import DatasetError, Example, Splits, make_splits
+from data.discovery import DatasetError, Example, Splits
 from data.loader import DecodedCache, MRIBatches, scan_examples
 from engine.backend import environment, peak_memory_mb
+from engine.config import Preflight, TrainConfig, preflight
 from engine.metrics import classification_report, format_table
-from engine.rundir import prepare_run_dir, write_json
+from engine.rundir import write_json
 from model import build_classifier, load_initial_weights
 
 RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every option of a training run; the defaults follow the original study."""
-
-    data_dir: str
-    out: str | None = None
-    runs_root: str = "runs"
-    image_size: int = 224
-    batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-4
-    weights: str = "imagenet"
-    init_weights: str | None = None
-    freeze: str = "none"
-    dropout: float = 0.2
-    bn_momentum: float | None = None
-    preprocess: str = "caffe"
-    augment: str = "standard"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    rotate_degrees: float = 10.0
-    val_split: float = 0.1
-    test_split: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    workers: int = 2
-    cache: bool = True
-    verbose: int = 1
-
-    def augment_config(self) -> AugmentConfig:
-        if self.augment == "none":
-            return AugmentConfig.none()
-        if self.augment != "standard":
-            raise ValueError(f"augment must be 'standard' or 'none', got {self.augment!r}")
-        return AugmentConfig(
-            crop=True,
-            crop_scale=tuple(self.crop_scale),
-            crop_ratio=tuple(self.crop_ratio),
-            flip_prob=self.flip_prob,
-            rotate_degrees=self.rotate_degrees,
-        )
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -108,16 +64,15 @@ def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str]) -> 
     }
 
 
-def run_training(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print) -> dict:
     """Trains the classifier as `cfg` says and fills the run directory.
 
     Writes config.json, initial.weights.h5, history.csv, best.weights.h5, model.keras,
     skipped.txt and metrics.json; returns the metrics.
     """
     backend = keras.backend.backend()
-    run_dir = prepare_run_dir(cfg.out, backend, cfg.runs_root)
-    augment = cfg.augment_config()  # Validates the option before any work.
-    splits: Splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
+    checked = checked or preflight(cfg)
+    run_dir, splits, augment = checked.run_dir, checked.splits, cfg.augment_config()
     log(f"Run directory: {run_dir}")
     log(f"Backend: {backend}; classes: {', '.join(splits.classes)}; test set: {splits.test_source}")
 

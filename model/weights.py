@@ -30,7 +30,8 @@ def _can_reach(host: str, timeout: float = 5.0) -> bool:
     return True
 
 
-def _check_h5(path: Path, what: str) -> None:
+def check_weights_file(path: Path, what: str) -> None:
+    """Raises `WeightsError` unless `path` is a readable HDF5 file."""
     import h5py
 
     if not path.is_file():
@@ -63,14 +64,14 @@ def resolve_backbone_weights(spec: str) -> str | None:
             )
         return "imagenet"
     path = Path(spec)
-    _check_h5(path, "--weights file")
+    check_weights_file(path, "--weights file")
     return str(path)
 
 
 def load_initial_weights(model, path: str | os.PathLike) -> None:
     """Loads a `.weights.h5` file saved by `model.save_weights` into `model`."""
     path = Path(path)
-    _check_h5(path, "--init-weights file")
+    check_weights_file(path, "--init-weights file")
     try:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as e:
