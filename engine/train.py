@@ -21,21 +21,27 @@ RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Tes
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `seconds` and `images_per_second` to each epoch's logs (and so to history.csv)."""
+    """Adds `seconds` (the whole epoch) and `images_per_second` (the training phase,
+    validation excluded) to each epoch's logs, and so to history.csv."""
 
     def __init__(self, num_images: int) -> None:
         super().__init__()
         self.num_images = num_images
-        self._start = 0.0
+        self._start = self._train_end = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
+        self._train_end = 0.0
+
+    def on_test_begin(self, logs=None):
+        if self._start and not self._train_end:  # validation inside fit
+            self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._start
+        end = time.perf_counter()
         if logs is not None:
-            logs["seconds"] = seconds
-            logs["images_per_second"] = self.num_images / seconds
+            logs["seconds"] = end - self._start
+            logs["images_per_second"] = self.num_images / ((self._train_end or end) - self._start)
 
 
 def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> tuple[list[Example], list]:

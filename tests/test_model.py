@@ -9,6 +9,11 @@ from model import weights as weights_module
 from model.classifier import build_backbone
 
 SIZE = 32
+
+def to_numpy(x) -> np.ndarray:
+    return keras.ops.convert_to_numpy(x)
+
+
 BATCH = np.random.default_rng(0).normal(0, 50, (2, SIZE, SIZE, 3)).astype(np.float32)
 
 
@@ -19,7 +24,7 @@ def classifier():
 
 
 def test_outputs_one_logit_per_class(classifier):
-    logits = np.asarray(classifier(BATCH, training=False))
+    logits = to_numpy(classifier(BATCH, training=False))
     assert logits.shape == (2, 4) and np.isfinite(logits).all()
     assert classifier.get_layer("logits").activation is keras.activations.linear
 
@@ -34,14 +39,14 @@ def test_frozen_backbone_trains_only_the_head_and_keeps_batchnorm_in_inference()
     model = build_classifier(4, SIZE, weights="none", freeze="backbone", dropout=0.0)
     assert [w.path for w in model.trainable_weights] == ["logits/kernel", "logits/bias"]
     bn = model.get_layer("resnet50").get_layer("conv1_bn")
-    before = np.asarray(bn.moving_mean).copy()
+    before = to_numpy(bn.moving_mean).copy()
     # training=True must still use the moving statistics, so the output equals inference.
     np.testing.assert_allclose(
-        np.asarray(model(BATCH, training=True)), np.asarray(model(BATCH, training=False)), rtol=1e-5, atol=1e-5
+        to_numpy(model(BATCH, training=True)), to_numpy(model(BATCH, training=False)), rtol=1e-5, atol=1e-5
     )
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.train_on_batch(BATCH, np.array([0, 1]))
-    np.testing.assert_array_equal(np.asarray(bn.moving_mean), before)
+    np.testing.assert_array_equal(to_numpy(bn.moving_mean), before)
 
 
 def test_unknown_freeze_mode_is_rejected():
@@ -54,9 +59,9 @@ def test_initial_weights_file_reproduces_the_model(classifier, tmp_path):
     classifier.save_weights(path)
     keras.utils.set_random_seed(123)
     other = build_classifier(4, SIZE, weights="none", dropout=0.0)
-    assert not np.allclose(np.asarray(other(BATCH)), np.asarray(classifier(BATCH)))
+    assert not np.allclose(to_numpy(other(BATCH)), to_numpy(classifier(BATCH)))
     load_initial_weights(other, path)
-    np.testing.assert_array_equal(np.asarray(other(BATCH)), np.asarray(classifier(BATCH)))
+    np.testing.assert_array_equal(to_numpy(other(BATCH)), to_numpy(classifier(BATCH)))
 
 
 def test_init_weights_errors_are_clear(classifier, tmp_path):
@@ -81,7 +86,7 @@ def test_backbone_weights_from_a_file(tmp_path):
     model = build_classifier(4, SIZE, weights=str(path))
     loaded = model.get_layer("resnet50")
     for a, b in zip(source.weights, loaded.weights, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
 def test_imagenet_offline_and_uncached_fails_fast_with_the_file_name(tmp_path, monkeypatch):
