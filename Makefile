@@ -1,6 +1,6 @@
 # Two entry points: `make demo` and `make test`. Both create or reuse .venv from the
 # pinned CPU lock (requirements/cpu.lock).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BACKEND ?= torch
@@ -13,7 +13,8 @@ DEMO_RUN ?= runs/demo-$(BACKEND)
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements/cpu.lock
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 2; }
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH (set PYTHON=...)"; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is older than Python 3.11"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/cpu.lock
