@@ -149,17 +149,15 @@ def pipeline_hash_command(epoch: int, num_batches: int, augment: str, **options)
     import keras
 
     from data.discovery import make_splits
-    from data.loader import DecodedCache, MRIBatches, pipeline_hash, scan_examples
+    from data.loader import DecodedCache, pipeline_hash, scan_examples
     from engine.config import TrainConfig
+    from engine.train import training_batches
 
     cfg = TrainConfig(augment=augment, **options)
     splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
     cache = DecodedCache() if cfg.cache else None
     train_examples, _ = scan_examples(splits.train, cfg.image_size, cache, cfg.workers)
-    batches = MRIBatches(
-        train_examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cfg.augment_config(),
-        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
-    )
+    batches = training_batches(cfg, train_examples, cache)
     num_batches = min(num_batches, len(batches))
     digest = pipeline_hash(batches, epoch, num_batches)
     click.echo(f"{digest}  backend={keras.backend.backend()} epoch={epoch} batches={num_batches} workers={cfg.workers}")

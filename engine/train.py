@@ -9,7 +9,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example, Splits
+from data.discovery import DatasetError, Example, class_counts
 from data.loader import DecodedCache, MRIBatches, scan_examples
 from engine.backend import environment, peak_memory_mb
 from engine.config import Preflight, TrainConfig, preflight
@@ -55,6 +55,14 @@ def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> t
     return good, skipped
 
 
+def training_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCache | None) -> MRIBatches:
+    """The training batches exactly as `fit` gets them (also what `pipeline-hash` hashes)."""
+    return MRIBatches(
+        examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cfg.augment_config(),
+        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
+    )
+
+
 def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
     batches = MRIBatches(
         examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers
@@ -78,7 +86,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     """
     backend = keras.backend.backend()
     checked = checked or preflight(cfg)
-    run_dir, splits, augment = checked.run_dir, checked.splits, cfg.augment_config()
+    run_dir, splits = checked.run_dir, checked.splits
     log(f"Run directory: {run_dir}")
     log(f"Backend: {backend}; classes: {', '.join(splits.classes)}; test set: {splits.test_source}")
 
@@ -92,7 +100,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
     if not train:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
-    counts = Splits(splits.classes, train, val, test, splits.test_source, splits.ignored).counts()
+    counts = {name: class_counts(examples, len(splits.classes)) for name, examples in (
+        ("train", train), ("val", val), ("test", test))}
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(
@@ -121,10 +130,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    train_batches = MRIBatches(
-        train, cfg.image_size, cfg.batch_size, cfg.preprocess, augment,
-        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
-    )
+    train_batches = training_batches(cfg, train, cache)
     val_batches = (
         MRIBatches(val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers)
         if val else None
