@@ -49,17 +49,10 @@ class Splits:
 
     def counts(self) -> dict[str, list[int]]:
         """Examples per class, per split."""
-        n = len(self.classes)
         return {
-            "train": class_counts(self.train, n),
-            "val": class_counts(self.val, n),
-            "test": class_counts(self.test, n),
+            name: np.bincount([e.label for e in examples], minlength=len(self.classes)).tolist()
+            for name, examples in (("train", self.train), ("val", self.val), ("test", self.test))
         }
-
-
-def class_counts(examples: list[Example], num_classes: int) -> list[int]:
-    """How many examples each class has."""
-    return np.bincount([e.label for e in examples], minlength=num_classes).tolist()
 
 
 def _is_hidden(path: Path, root: Path) -> bool:

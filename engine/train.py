@@ -9,7 +9,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example, class_counts
+from data.discovery import DatasetError, Example
 from data.loader import DecodedCache, MRIBatches, scan_examples
 from engine.backend import environment, peak_memory_mb
 from engine.config import Preflight, TrainConfig, preflight
@@ -100,8 +100,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
     if not train:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
-    counts = {name: class_counts(examples, len(splits.classes)) for name, examples in (
-        ("train", train), ("val", val), ("test", test))}
+    counts = dataclasses.replace(splits, train=train, val=val, test=test).counts()
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(
