@@ -97,12 +97,43 @@ def train_options(fn):
         click.option("--crop-ratio", default="0.75,1.3333", show_default=True, type=FloatPair(), help="Random resized crop: aspect ratio range."),
         click.option("--flip-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Horizontal flip probability (0: off)."),
         click.option("--rotate-degrees", default=10.0, show_default=True, type=click.FloatRange(0, 180), help="Rotation range +-degrees (0: off)."),
+        click.option("--deterministic/--no-deterministic", default=False, show_default=True, help="Each framework's deterministic mode (tf op determinism, torch deterministic algorithms, XLA deterministic ops); recorded in config.json."),
         click.option("--out", default=None, type=click.Path(), help="Run directory (default runs/<time>-<backend>/)."),
         click.option("--verbose", default=1, show_default=True, type=click.IntRange(0, 2), help="Keras progress: 0 silent, 1 bar, 2 a line per epoch."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+class LevelList(click.ParamType):
+    """Comma-separated values of an option, each checked by the option's own type."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        label = "|".join(inner.choices) if isinstance(inner, click.Choice) else inner.name.upper()
+        self.name = f"{label}[,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        levels = [self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip()]
+        if not levels:
+            self.fail("give at least one value", param, ctx)
+        return list(dict.fromkeys(levels))
+
+
+def factor_options(*names: str):
+    """Lets the named options take several comma-separated levels (a grid)."""
+
+    def apply(fn):
+        for param in fn.__click_params__:
+            if param.name in names:
+                param.type = LevelList(param.type)
+                param.help = (param.help or "") + " Several comma-separated values make a grid."
+        return fn
+
+    return apply
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -120,6 +151,10 @@ def train(**options) -> None:
 
     cfg = TrainConfig(**options)
     checked = preflight(cfg)  # Before the backend loads: bad input fails fast.
+    if cfg.deterministic:
+        from engine.backend import deterministic_environment
+
+        os.environ.update(deterministic_environment())  # XLA reads its flags at import.
     from engine.train import run_training
 
     run_training(cfg, checked)
@@ -179,6 +214,151 @@ def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epoc
         click.echo(f"measuring {side} ...", err=True)
         results[side] = measure(side, data_dir, image_size, batch_size, epochs, workers)
     click.echo(format_report(results["ours"], results["tfdata"]))
+
+
+def _installed_backends() -> str:
+    import importlib.util
+
+    from engine.backend import SUPPORTED_BACKENDS
+
+    return ",".join(b for b in SUPPORTED_BACKENDS if importlib.util.find_spec(b) is not None)
+
+
+class BackendList(click.ParamType):
+    name = "B1,B2,..."
+
+    def convert(self, value, param, ctx):
+        from engine.backend import SUPPORTED_BACKENDS
+
+        if isinstance(value, tuple):
+            return value
+        names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        unknown = [n for n in names if n not in SUPPORTED_BACKENDS]
+        if unknown or not names:
+            self.fail(f"{value!r}: choose from {', '.join(SUPPORTED_BACKENDS)}", param, ctx)
+        return tuple(dict.fromkeys(names))
+
+
+@cli.command()
+@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList())
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the batch comes from (default: generated phantoms).")
+@click.option("--image-size", default=64, show_default=True, type=click.IntRange(32))
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(2))
+@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50"]))
+@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]), help="Keras dtype policy; each has its own tolerances.")
+@click.option("--preprocess", default="caffe", show_default=True, type=click.Choice(["caffe", "imagenet"]))
+@click.option("--lr", "learning_rate", default=0.01, show_default=True, type=float, help="Learning rate of the one SGD step.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default=None, type=click.Path(), help="Folder for parity.json, parity.md and the weights file (default runs/parity-<time>).")
+@click.option("--plant", multiple=True, hidden=True, help="BACKEND:weight|preprocess, a deliberate difference (tests the check).")
+@_user_errors
+def parity(backends, out, plant, **options) -> None:
+    """Check that the backends agree: logits, loss, gradients, one SGD step. Exit 1 on FAIL."""
+    import time
+    from pathlib import Path
+
+    from engine.parity import PLANTS, ParityConfig, ParityError, format_parity_table, run_parity
+
+    if len(backends) < 2:
+        raise UserError("parity needs at least two backends")
+    planted = {}
+    for item in plant:
+        backend, _, what = item.partition(":")
+        if backend not in backends or what not in PLANTS:
+            raise UserError(f"--plant {item!r}: expected BACKEND:{'|'.join(PLANTS)} with a compared backend")
+        planted[backend] = what
+    cfg = ParityConfig(backends=backends, plant=planted, **options)
+    out_dir = Path(out or f"runs/parity-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        report = run_parity(cfg, out_dir, log=lambda m: click.echo(m, err=True))
+    except ParityError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_parity_table(report))
+    click.echo(f"\nlosses: {', '.join(f'{b} {v:.6f}' for b, v in report['losses'].items())}")
+    click.echo(f"{'PASS' if report['passed'] else 'FAIL'}: {out_dir / 'parity.json'}")
+    if not report["passed"]:
+        raise SystemExit(1)
+
+
+@cli.command("init-weights")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--num-classes", default=4, show_default=True, type=click.IntRange(2))
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
+@click.option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none or PATH.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomly initialised layers.")
+@_user_errors
+def init_weights(path: str, num_classes: int, image_size: int, weights: str, seed: int) -> None:
+    """Build the classifier once and save its weights to PATH (*.weights.h5), for --init-weights."""
+    if not path.endswith(".weights.h5"):
+        raise UserError(f"{path}: the file name must end in .weights.h5")
+    import keras
+
+    from model import build_classifier
+
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(num_classes, image_size, weights)
+    model.save_weights(path)
+    click.echo(f"wrote {path} ({keras.backend.backend()}, {model.count_params():,} parameters)")
+
+
+@cli.command()
+@factor_options("preprocess", "augment", "weights")
+@data_options
+@train_options
+@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList())
+@click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), help="Repeat every cell over these seeds (batch order, augmentation, head init).")
+@_user_errors
+def compare(backends, seeds, out, deterministic, **options) -> None:
+    """Train one configuration on each backend from one weights file; tables, effects, curves.
+
+    --preprocess, --augment and --weights take comma-separated levels: the run becomes a
+    grid (backend x levels x seeds) and the summary gives each factor's main effect.
+    """
+    import time
+    from pathlib import Path
+
+    from data.discovery import make_splits
+    from engine.compare import FACTORS, CompareError, run_compare
+    from engine.config import TrainConfig
+    from engine.rundir import prepare_run_dir
+    from model.weights import resolve_backbone_weights
+
+    factors = {f: options[f] for f in FACTORS}
+    for level in factors["weights"]:
+        resolve_backbone_weights(level)  # Offline ImageNet fails here, before any run.
+    for level in factors["augment"]:
+        TrainConfig(data_dir=options["data_dir"], augment=level).augment_config()
+    splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
+    out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
+    fixed = {k: v for k, v in options.items() if k not in FACTORS and k != "seed"}
+    fixed.update({f: levels[0] for f, levels in factors.items()})
+    grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
+    try:
+        report = run_compare(
+            fixed, backends, grid, seeds, Path(out_dir), len(splits.classes), deterministic, log=click.echo
+        )
+    except CompareError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("\n" + report["markdown"])
+    click.echo(f"\nWrote {out_dir}/compare.md, compare.json, curves.png")
+    if report["failures"]:
+        raise SystemExit(1)
+
+
+@cli.command("_parity-worker", hidden=True)
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def parity_worker(spec: str, weights: str, out: str) -> None:
+    """Compute the parity quantities under the active backend (used by `parity`)."""
+    import json
+    from pathlib import Path
+
+    from engine.parity import ParityConfig, run_worker
+
+    fields = json.loads(Path(spec).read_text())
+    fields["backends"] = tuple(fields["backends"])
+    run_worker(ParityConfig(**fields), Path(weights), Path(out))
 
 
 if __name__ == "__main__":

@@ -126,3 +126,88 @@ def peak_memory_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+def loss_and_gradients(model, images, labels, loss_fn) -> tuple:
+    """One training-mode forward and backward pass, eagerly, on the active backend.
+
+    Returns `(logits, loss, gradients)`, the gradients in the order of
+    `model.trainable_variables`. BatchNormalization uses the batch statistics and
+    updates its moving averages, as in a `fit` step.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            loss = loss_fn(labels, logits)
+        return logits, loss, tape.gradient(loss, model.trainable_variables)
+    if backend == "torch":
+        import torch
+
+        for v in model.trainable_variables:
+            v.value.grad = None
+        with torch.enable_grad():
+            logits = model(images, training=True)
+            loss = loss_fn(labels, logits)
+            loss.backward()
+        return logits.detach(), loss.detach(), [v.value.grad for v in model.trainable_variables]
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def compute_loss(trainable_values):
+            logits, updated = model.stateless_call(trainable_values, non_trainable, images, training=True)
+            return loss_fn(labels, logits), (logits, updated)
+
+        (loss, (logits, updated)), grads = jax.value_and_grad(compute_loss, has_aux=True)(trainable)
+        for variable, value in zip(model.non_trainable_variables, updated, strict=True):
+            variable.assign(value)
+        return logits, loss, grads
+    raise BackendError(f"no gradient code for backend {backend!r}")
+
+
+def deterministic_environment() -> dict[str, str]:
+    """Environment variables deterministic mode needs, set before the backend is imported."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_gpu_deterministic_ops" not in flags:
+        flags = f"{flags} --xla_gpu_deterministic_ops=true".strip()
+    # cuBLAS needs a fixed workspace for deterministic GEMMs (torch on GPU).
+    return {"XLA_FLAGS": flags, "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),
+            "TF_DETERMINISTIC_OPS": "1"}
+
+
+def enable_determinism() -> dict[str, str]:
+    """Turns on the active framework's deterministic mode; returns what was set.
+
+    tensorflow: op determinism; torch: deterministic algorithms (cuDNN benchmark
+    off); jax: XLA deterministic ops, which `deterministic_environment` must have
+    put in XLA_FLAGS before jax was imported.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+        return {"tensorflow": "tf.config.experimental.enable_op_determinism()"}
+    if backend == "torch":
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        return {"torch": "torch.use_deterministic_algorithms(True); cudnn.benchmark=False",
+                "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
+    if backend == "jax":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "--xla_gpu_deterministic_ops=true" not in flags:
+            raise BackendError("jax deterministic mode needs XLA_FLAGS=--xla_gpu_deterministic_ops=true "
+                               "set before jax is imported")
+        return {"XLA_FLAGS": flags}
+    raise BackendError(f"no deterministic mode for backend {backend!r}")

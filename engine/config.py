@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     cache: bool = True
+    deterministic: bool = False
     verbose: int = 1
 
     def augment_config(self) -> AugmentConfig:

@@ -68,3 +68,19 @@ def format_table(columns: dict[str, dict[str, float | None]], rows: list[str]) -
             cells.append("n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]
+
+
+def results_row(metrics: dict) -> dict[str, float | None]:
+    """The original study's results-table values of one run."""
+    test = metrics.get("test") or {}
+    return {
+        "Train Loss": metrics["train"]["loss"],
+        "Train Accuracy": metrics["train"]["accuracy"],
+        "Val Accuracy": (metrics.get("val") or {}).get("accuracy"),
+        "Test Loss": test.get("loss"),
+        "Test Accuracy": test.get("accuracy"),
+        "Test macro-F1": test.get("macro_f1"),
+    }

@@ -11,13 +11,11 @@ import numpy as np
 
 from data.discovery import DatasetError, Example
 from data.loader import DecodedCache, MRIBatches, scan_examples
-from engine.backend import environment, peak_memory_mb
+from engine.backend import enable_determinism, environment, peak_memory_mb
 from engine.config import Preflight, TrainConfig, preflight
-from engine.metrics import classification_report, format_table
+from engine.metrics import RESULT_ROWS, classification_report, format_table, results_row
 from engine.rundir import write_json
 from model import build_classifier, load_initial_weights
-
-RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -102,6 +100,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
     counts = dataclasses.replace(splits, train=train, val=val, test=test).counts()
 
+    determinism = enable_determinism() if cfg.deterministic else None
     keras.utils.set_random_seed(cfg.seed)
     model = build_classifier(
         len(splits.classes), cfg.image_size, cfg.weights, cfg.freeze, cfg.dropout, cfg.bn_momentum
@@ -120,6 +119,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
             "skipped_files": len(skipped),
             "ignored_files": len(splits.ignored),
             "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
+            "deterministic": determinism,
             "environment": environment(),
         },
     )
@@ -168,6 +168,9 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
             "train": {"loss": history["loss"][best_epoch], "accuracy": history["accuracy"][best_epoch]},
             **best,
         },
+        # What "auto" became: XLA for jax, for tensorflow only with a GPU and without
+        # op determinism, never for torch (True there would mean torch.compile).
+        "jit_compile": bool(model.jit_compile),
         "seconds_per_epoch": float(np.mean(history["seconds"])),
         "train_images_per_second": float(np.mean(history["images_per_second"])),
         "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -182,19 +185,6 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     }))
     log(f"\nRun directory: {run_dir}")
     return metrics
-
-
-def results_row(metrics: dict) -> dict[str, float | None]:
-    """The original study's results-table values of one run."""
-    test = metrics.get("test") or {}
-    return {
-        "Train Loss": metrics["train"]["loss"],
-        "Train Accuracy": metrics["train"]["accuracy"],
-        "Val Accuracy": (metrics.get("val") or {}).get("accuracy"),
-        "Test Loss": test.get("loss"),
-        "Test Accuracy": test.get("accuracy"),
-        "Test macro-F1": test.get("macro_f1"),
-    }
 
 
 def results_table(runs: dict[str, dict]) -> str:

@@ -1,0 +1,352 @@
+"""`compare`: one training configuration on every backend, from one weights file.
+
+The parent process imports no backend. For each starting point (weights option x
+seed) it builds the initial weights once, in a subprocess of the first backend;
+then it runs `cli.py train --init-weights FILE` once per backend, factor level and
+seed, each in its own subprocess, and summarises the run directories: the results
+table per backend, the per-epoch divergence between backends, and the main effect
+of each factor next to the backend effect and the seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engine.metrics import RESULT_ROWS, format_table, results_row
+from engine.rundir import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+FACTORS = ("preprocess", "augment", "weights")
+SUMMARY_ROWS = [*RESULT_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the grid."""
+
+    backend: str
+    levels: tuple[tuple[str, str], ...]  # ((factor, level), ...) in FACTORS order
+    seed: int
+
+    @property
+    def cell(self) -> str:
+        return ",".join(f"{f}={v}" for f, v in self.levels)
+
+    @property
+    def dirname(self) -> str:
+        cell = "-".join(v.replace("/", "_") for _, v in self.levels)
+        return f"{cell}-seed{self.seed}/{self.backend}"
+
+
+class CompareError(RuntimeError):
+    """A compare run could not produce a summary."""
+
+
+def plan_runs(backends: tuple[str, ...], factors: dict[str, list[str]], seeds: list[int]) -> list[Run]:
+    """Every (factor levels, seed, backend) combination, backends innermost."""
+    names = [f for f in FACTORS if f in factors]
+    runs = []
+    for values in itertools.product(*(factors[f] for f in names)):
+        for seed in seeds:
+            for backend in backends:
+                runs.append(Run(backend, tuple(zip(names, values, strict=True)), seed))
+    return runs
+
+
+def train_command(options: dict, run: Run, init_weights: Path, out: Path, deterministic: bool) -> list[str]:
+    """The `cli.py train` command line of one run."""
+    args = [sys.executable, str(ROOT / "cli.py"), "train"]
+    fixed = dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights), out=str(out))
+    for name, value in fixed.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "learning_rate":
+            flag = "--lr"
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, tuple | list):
+            args += [flag, ",".join(str(v) for v in value)]
+        else:
+            args += [flag, str(value)]
+    if deterministic:
+        args.append("--deterministic")
+    return args
+
+
+def _subprocess_env(backend: str) -> dict[str, str]:
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def read_history(run_dir: Path) -> dict[str, list[float]]:
+    """history.csv as {column: [value per epoch]}."""
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
+
+
+def summary_row(metrics: dict) -> dict[str, float | None]:
+    """The study's results-table values of one run, plus speed and memory."""
+    return {
+        **results_row(metrics),
+        "Seconds per epoch": metrics["seconds_per_epoch"],
+        "Training img/s": metrics["train_images_per_second"],
+        "Peak memory (MiB)": metrics["peak_memory_mb"],
+    }
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def cell_table(results: list[dict], backends: tuple[str, ...]) -> tuple[str, dict]:
+    """One cell's results table, a column per backend (mean ± std over seeds)."""
+    columns, data = {}, {}
+    for backend in backends:
+        rows = [r["row"] for r in results if r["backend"] == backend]
+        stats = {name: _mean_std([row[name] for row in rows]) for name in SUMMARY_ROWS}
+        data[backend] = stats
+        columns[backend] = {
+            name: _format_mean_std(*stats[name], digits=1 if name in ("Peak memory (MiB)", "Seconds per epoch", "Training img/s") else 4)
+            for name in SUMMARY_ROWS
+        }
+    return format_table(columns, SUMMARY_ROWS), data
+
+
+def _format_mean_std(mean: float | None, std: float | None, digits: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def epoch_divergence(results: list[dict]) -> list[dict]:
+    """Per epoch: the largest difference between any two backends (same cell and seed)
+    in validation accuracy and loss (training ones when there is no validation set)."""
+    acc_key = "val_accuracy" if all("val_accuracy" in r["history"] for r in results) else "accuracy"
+    loss_key = "val_loss" if acc_key == "val_accuracy" else "loss"
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["cell"], r["seed"]), []).append(r)
+    epochs = max(len(r["history"][acc_key]) for r in results)
+    rows = []
+    for epoch in range(epochs):
+        worst_acc = worst_loss = 0.0
+        for members in groups.values():
+            accs = [m["history"][acc_key][epoch] for m in members if epoch < len(m["history"][acc_key])]
+            losses = [m["history"][loss_key][epoch] for m in members if epoch < len(m["history"][loss_key])]
+            if len(accs) > 1:
+                worst_acc = max(worst_acc, max(accs) - min(accs))
+                worst_loss = max(worst_loss, max(losses) - min(losses))
+        rows.append({"epoch": epoch + 1, f"max {acc_key} diff": worst_acc, f"max {loss_key} diff": worst_loss})
+    return rows
+
+
+def main_effects(results: list[dict], factors: dict[str, list[str]], target: str) -> list[dict]:
+    """Each factor's (and the backend's) main effect on `target`: mean per level, range.
+
+    Means are over every other factor, seed and backend (a balanced grid), so each
+    factor's effect is read with the others averaged out.
+    """
+    axes = {"backend": sorted({r["backend"] for r in results}, key=[r["backend"] for r in results].index)}
+    axes.update({f: levels for f, levels in factors.items() if len(levels) > 1})
+    effects = []
+    for axis, levels in axes.items():
+        means = {}
+        for level in levels:
+            values = [r["row"][target] for r in results if _level(r, axis) == level and r["row"][target] is not None]
+            means[level] = float(np.mean(values)) if values else None
+        known = [m for m in means.values() if m is not None]
+        effects.append({
+            "factor": axis, "level_means": means,
+            "effect": (max(known) - min(known)) if len(known) > 1 else None,
+        })
+    return effects
+
+
+def seed_spread(results: list[dict], target: str) -> float | None:
+    """The mean over cells and backends of the seed-to-seed standard deviation of `target`."""
+    groups: dict[tuple, list[float]] = {}
+    for r in results:
+        if r["row"][target] is not None:
+            groups.setdefault((r["cell"], r["backend"]), []).append(r["row"][target])
+    stds = [float(np.std(v, ddof=1)) for v in groups.values() if len(v) > 1]
+    return float(np.mean(stds)) if stds else None
+
+
+def _level(result: dict, axis: str) -> str:
+    return result["backend"] if axis == "backend" else dict(result["levels"])[axis]
+
+
+def plot_curves(results: list[dict], path: Path) -> None:
+    """Training and validation loss and accuracy per epoch: a line per backend (and cell),
+    averaged over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("loss", "training loss"), ("val_loss", "validation loss"),
+              ("accuracy", "training accuracy"), ("val_accuracy", "validation accuracy")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    cells = list(dict.fromkeys(r["cell"] for r in results))
+    styles = ["-", "--", ":", "-."]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for ci, cell in enumerate(cells):
+            for backend in backends:
+                runs = [r for r in results if r["cell"] == cell and r["backend"] == backend and key in r["history"]]
+                if not runs:
+                    continue
+                n = min(len(r["history"][key]) for r in runs)
+                curve = np.mean([r["history"][key][:n] for r in runs], axis=0)
+                label = backend if len(cells) == 1 else f"{backend} {cell}"
+                ax.plot(range(1, n + 1), curve, styles[ci % len(styles)], marker="o", markersize=3,
+                        color=f"C{backends.index(backend)}", label=label)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _format_effects(effects: list[dict], spread: float | None, target: str) -> str:
+    lines = [f"| factor | level means of {target} | main effect (max - min) |", "|---|---|---:|"]
+    for e in effects:
+        means = ", ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: -" for k, v in e["level_means"].items())
+        effect = f"{e['effect']:.4f}" if e["effect"] is not None else "-"
+        lines.append(f"| {e['factor']} | {means} | {effect} |")
+    lines.append(f"| seed-to-seed std (mean over cells and backends) | | "
+                 f"{spread:.4f} |" if spread is not None else "| seed-to-seed std | one seed: not measured | - |")
+    return "\n".join(lines)
+
+
+def _format_divergence(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[k]) if k == "epoch" else f"{row[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def summarise(results: list[dict], backends: tuple[str, ...], factors: dict[str, list[str]], command: str) -> tuple[str, dict]:
+    """compare.md's text and compare.json's summary section."""
+    target = "Test Accuracy" if all(r["row"]["Test Accuracy"] is not None for r in results) else "Val Accuracy"
+    md = ["# Backend comparison", "", f"Command: `{command}`", ""]
+    summary: dict = {"target": target, "cells": {}}
+    for cell in dict.fromkeys(r["cell"] for r in results):
+        members = [r for r in results if r["cell"] == cell]
+        table, data = cell_table(members, backends)
+        seeds = sorted({r["seed"] for r in members})
+        about = f"seeds {', '.join(map(str, seeds))}; mean ± std over seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+        md += [f"## {cell or 'Results'} ({about})", "", table, ""]
+        summary["cells"][cell] = data
+    effects = main_effects(results, factors, target)
+    spread = seed_spread(results, target)
+    divergence = epoch_divergence(results)
+    md += ["## Effects on " + target, "", _format_effects(effects, spread, target), "",
+           "## Per-epoch divergence between backends (same cell and seed)", "", _format_divergence(divergence), "",
+           "![curves](curves.png)", ""]
+    summary.update({"main_effects": effects, "seed_std": spread, "divergence": divergence})
+    return "\n".join(md), summary
+
+
+def build_initial_weights(backend: str, options: dict, weights: str, seed: int, num_classes: int, path: Path,
+                          log: Callable[[str], None]) -> None:
+    """Builds the starting weights once, in a subprocess of `backend`."""
+    command = [
+        sys.executable, str(ROOT / "cli.py"), "init-weights", str(path),
+        "--num-classes", str(num_classes), "--image-size", str(options["image_size"]),
+        "--weights", weights, "--seed", str(seed),
+    ]
+    log(f"building initial weights ({weights}, seed {seed}) on {backend} -> {path}")
+    result = subprocess.run(command, env=_subprocess_env(backend), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
+
+
+def run_compare(
+    options: dict,
+    backends: tuple[str, ...],
+    factors: dict[str, list[str]],
+    seeds: list[int],
+    out_dir: Path,
+    num_classes: int,
+    deterministic: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs the grid (reusing finished runs in `out_dir`), writes compare.md/json and curves.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "compare"
+    runs = plan_runs(backends, factors, seeds)
+    weights_levels = factors.get("weights", [options["weights"]])
+    init_files = {}
+    for weights, seed in itertools.product(weights_levels, seeds):
+        path = out_dir / "initial" / f"{weights.replace('/', '_')}-seed{seed}.weights.h5"
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            build_initial_weights(backends[0], options, weights, seed, num_classes, path, log)
+        init_files[(weights, seed)] = path
+
+    results, failures = [], []
+    for i, run in enumerate(runs, 1):
+        run_dir = out_dir / "runs" / run.dirname
+        weights = dict(run.levels).get("weights", options["weights"])
+        header = f"[{i}/{len(runs)}] {run.backend}  {run.cell or 'baseline'}  seed {run.seed}"
+        if (run_dir / "metrics.json").exists():
+            log(f"{header}: done earlier, reusing {run_dir}")
+        else:
+            if run_dir.exists():  # An interrupted run: start it again from scratch.
+                shutil.rmtree(run_dir)
+            command_line = train_command(options, run, init_files[(weights, run.seed)], run_dir, deterministic)
+            log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
+            start = time.perf_counter()
+            code = subprocess.run(command_line, env=_subprocess_env(run.backend)).returncode
+            if code != 0:
+                failures.append({"run": run.dirname, "exit_code": code})
+                log(f"{header}: FAILED (exit {code}); going on with the others")
+                continue
+            log(f"{header}: finished in {time.perf_counter() - start:.0f} s")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        results.append({
+            "backend": run.backend, "cell": run.cell, "levels": run.levels, "seed": run.seed,
+            "run_dir": str(run_dir), "row": summary_row(metrics), "history": read_history(run_dir),
+        })
+    if not results:
+        raise CompareError(f"every run failed: {failures}")
+    text, summary = summarise(results, backends, factors, command)
+    if failures:
+        text += "\n## Failed runs\n\n" + "\n".join(f"- {f['run']}: exit {f['exit_code']}" for f in failures) + "\n"
+    plot_curves(results, out_dir / "curves.png")
+    (out_dir / "compare.md").write_text(text)
+    report = {
+        "command": command, "options": options, "backends": list(backends), "factors": factors,
+        "seeds": seeds, "deterministic": deterministic,
+        "initial_weights": {f"{w},seed{s}": str(p) for (w, s), p in init_files.items()},
+        "runs": results, "failures": failures, "summary": summary,
+    }
+    write_json(out_dir / "compare.json", report)
+    return report | {"markdown": text}

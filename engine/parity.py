@@ -1,0 +1,316 @@
+"""`parity`: do the backends compute the same thing from the same weights and batch?
+
+The parent process imports no backend. It runs one worker subprocess per backend
+(`cli.py _parity-worker`); each builds the same batch with the shared pipeline,
+loads one weights file, and saves what it computed to an `.npz`. The parent checks
+the batch hashes, compares every pair of backends and tolerances, and reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from engine.rundir import write_json
+
+PRECISIONS = ("float32", "mixed_bfloat16")
+MODELS = ("resnet50",)
+PLANTS = ("weight", "preprocess")
+PLANTED_WEIGHT_DELTA = 1e-3
+
+# A pair of backends passes a quantity when its relative difference is within
+# max(floor, NOISE_FACTOR x noise floor). The noise floor is measured in the run: how
+# far one backend's own result moves when the batch moves by one float32 ulp. Through
+# ReLU masks and BatchNormalization on few samples, rounding noise grows to about 1e-2
+# in some gradients of ResNet50 (backends.md), so a fixed float32 tolerance would be
+# either loose for logits or wrong for gradients. The floors are the float32 (or
+# bfloat16) rounding level of each quantity; a planted 1e-3 change in one weight is
+# 20-700x above the tolerance (tests/test_parity.py).
+NOISE_FACTOR = 4.0
+# Above this the noise floor says the quantity is not determined at this precision
+# (bfloat16 training from random weights): reported as NOISY, neither PASS nor FAIL.
+MAX_TOLERANCE = 0.5
+TOLERANCES = {
+    "float32": {
+        "inference logits": 1e-5,
+        "training logits": 1e-5,
+        "loss": 1e-5,
+        "gradients": 1e-4,
+        "weights after SGD step": 1e-4,
+    },
+    "mixed_bfloat16": {
+        "inference logits": 2e-2,
+        "training logits": 2e-2,
+        "loss": 2e-2,
+        "gradients": 5e-2,
+        "weights after SGD step": 5e-2,
+    },
+}
+QUANTITIES = tuple(TOLERANCES["float32"])
+
+
+class ParityError(RuntimeError):
+    """A backend's worker could not compute its results."""
+
+
+@dataclasses.dataclass
+class ParityConfig:
+    """What one parity check computes: which model, input and precision."""
+
+    backends: tuple[str, ...] = ("torch", "tensorflow", "jax")
+    data_dir: str | None = None
+    image_size: int = 64
+    batch_size: int = 4
+    model: str = "resnet50"
+    precision: str = "float32"
+    preprocess: str = "caffe"
+    learning_rate: float = 0.01
+    seed: int = 0
+    plant: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# --- the worker: runs under one backend ---------------------------------------------
+
+
+def parity_batch(cfg: ParityConfig, preprocess: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Batch 0 of epoch 0 of the training pipeline (augmented), and its SHA-256."""
+    from data.discovery import make_splits
+    from data.loader import DecodedCache, pipeline_hash, scan_examples
+    from engine.config import TrainConfig
+    from engine.train import training_batches
+
+    train_cfg = TrainConfig(
+        data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=cfg.batch_size,
+        preprocess=preprocess, seed=cfg.seed, workers=1,
+    )
+    splits = make_splits(train_cfg.data_dir, train_cfg.val_split, train_cfg.test_split, train_cfg.split_seed)
+    cache = DecodedCache()
+    examples, _ = scan_examples(splits.train, cfg.image_size, cache, workers=1)
+    batches = training_batches(train_cfg, examples, cache)
+    images, labels = batches.batch(0, 0)
+    return images, labels, pipeline_hash(batches, 0, 1)
+
+
+def build_parity_model(cfg: ParityConfig, num_classes: int):
+    """The model under test, without dropout: its masks come from each backend's own RNG."""
+    from model import build_classifier
+
+    if cfg.model != "resnet50":
+        raise ValueError(f"unknown model {cfg.model!r}; choose from {MODELS}")
+    return build_classifier(num_classes, cfg.image_size, weights="none", dropout=0.0)
+
+
+def _numpy(x) -> np.ndarray:
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.cast(x, "float32")))
+
+
+def _load(model, weights_path: Path, plant: str | None) -> None:
+    import keras
+
+    model.load_weights(weights_path)
+    if plant == "weight":
+        first = model.trainable_variables[0]
+        value = keras.ops.convert_to_numpy(first.value).copy()
+        value.flat[0] += PLANTED_WEIGHT_DELTA
+        first.assign(value)
+
+
+def _forward_backward(model, images, labels) -> dict[str, np.ndarray]:
+    import keras
+
+    from engine.backend import loss_and_gradients
+
+    results = {"inference logits": _numpy(model(images, training=False))}
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    logits, loss, grads = loss_and_gradients(model, images, labels, loss_fn)
+    results["training logits"] = _numpy(logits)
+    results["loss"] = _numpy(loss)
+    for variable, grad in zip(model.trainable_variables, grads, strict=True):
+        results[f"gradients/{variable.path}"] = _numpy(grad)
+    results["_grads"] = grads
+    return results
+
+
+def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
+    """Computes every compared quantity under the active backend and saves it to `out_path`.
+
+    It also computes them for the batch moved by one float32 ulp, saved under
+    `noise/`: how much this backend's own result moves under rounding-level noise.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    plant = cfg.plant.get(backend)
+    images, labels, digest = parity_batch(cfg, _other(cfg.preprocess) if plant == "preprocess" else cfg.preprocess)
+
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_dtype_policy(cfg.precision)
+    model = build_parity_model(cfg, num_classes=4)
+    if not weights_path.exists():  # The first backend builds the one weights file.
+        model.save_weights(weights_path)
+
+    _load(model, weights_path, plant)
+    nudged = _nudge(images, cfg.precision)
+    noise = _forward_backward(model, nudged, labels)
+    noise.pop("_grads")
+
+    _load(model, weights_path, plant)  # Undo the BatchNormalization updates of that pass.
+    results = _forward_backward(model, images, labels)
+    grads = results.pop("_grads")
+    keras.optimizers.SGD(cfg.learning_rate).apply(grads, model.trainable_variables)
+    for variable in model.weights:
+        results[f"weights after SGD step/{variable.path}"] = _numpy(variable.value)
+    results.update({f"noise/{k}": v for k, v in noise.items()})
+    from engine.backend import environment
+
+    env = environment()
+    about = {"versions": env["versions"], "devices": env["devices"], "processor": env["processor"]}
+    np.savez(out_path, batch_sha256=np.array(digest), environment=np.array(json.dumps(about)), **results)
+
+
+def _nudge(images: np.ndarray, precision: str) -> np.ndarray:
+    """The batch moved by one unit in the last place of the precision the model computes in."""
+    if precision == "float32":
+        return np.nextafter(images, np.float32(np.inf))
+    # bfloat16 keeps 8 significant bits; a float32 ulp would vanish in the cast.
+    return images * np.float32(1 + 2**-7)
+
+
+def _other(preprocess: str) -> str:
+    return "imagenet" if preprocess == "caffe" else "caffe"
+
+
+# --- the parent: compares ------------------------------------------------------------
+
+
+def _relative_l2(a: np.ndarray, b: np.ndarray, floor: float) -> float:
+    scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)), floor)
+    return float(np.linalg.norm(a - b)) / scale if scale > 0 else 0.0
+
+
+def _tensors(result: dict[str, np.ndarray], quantity: str) -> dict[str, np.ndarray]:
+    return {k[len(quantity) + 1:]: v for k, v in result.items()
+            if k == quantity or k.startswith(quantity + "/")}
+
+
+def worst_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float, float, str]:
+    """(max abs diff, worst relative L2 diff, name of the worst tensor) over same-named tensors."""
+    if set(a) != set(b):
+        raise ValueError(f"different tensors: {sorted(set(a) ^ set(b))[:5]}")
+    # Tensors that are zero in exact arithmetic (the gradient of a conv bias that a
+    # BatchNormalization cancels) are measured against the largest tensor's scale,
+    # not against their own rounding noise.
+    floor = 1e-3 * max(float(np.linalg.norm(v)) for v in b.values())
+    max_abs, max_rel, worst = 0.0, -1.0, ""
+    for name in a:
+        rel = _relative_l2(a[name], b[name], floor)
+        if a[name].size:
+            max_abs = max(max_abs, float(np.max(np.abs(a[name] - b[name]))))
+        if rel > max_rel:
+            max_rel, worst = rel, name
+    return max_abs, max_rel, worst
+
+
+def compare_pair(a: dict[str, np.ndarray], b: dict[str, np.ndarray], precision: str) -> list[dict]:
+    """One row per quantity: max abs and relative diff, worst tensor, noise floor, PASS/FAIL.
+
+    The noise floor is the larger of the two backends' own change when the batch
+    moves by one ulp: differences near it are rounding, amplified by the network.
+    """
+    rows = [{
+        "quantity": "batch bytes (sha256)", "max_abs": None, "max_rel": None, "noise_floor": None,
+        "tolerance": None, "worst": None, "passed": str(a["batch_sha256"]) == str(b["batch_sha256"]),
+    }]
+    for quantity in QUANTITIES:
+        max_abs, max_rel, worst = worst_difference(_tensors(a, quantity), _tensors(b, quantity))
+        # The SGD step moves each weight by lr x gradient: its noise is the gradients'.
+        measured = "gradients" if quantity == "weights after SGD step" else quantity
+        noise = max(
+            worst_difference(_tensors(r, f"noise/{measured}"), _tensors(r, measured))[1] for r in (a, b)
+        )
+        tolerance = max(TOLERANCES[precision][quantity], NOISE_FACTOR * noise)
+        rows.append({
+            "quantity": quantity, "max_abs": max_abs, "max_rel": max_rel,
+            "noise_floor": noise, "tolerance": tolerance,
+            "worst": worst or None, "passed": None if tolerance > MAX_TOLERANCE else max_rel <= tolerance,
+        })
+    return rows
+
+
+def _verdict(passed: bool | None) -> str:
+    return "NOISY" if passed is None else "PASS" if passed else "FAIL"
+
+
+def format_parity_table(report: dict) -> str:
+    """The parity report as a Markdown table (quantity x backend pair)."""
+    lines = [
+        "| quantity | backends | max abs diff | max rel diff | 1-ulp noise floor | tolerance | worst tensor | result |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for pair, rows in report["pairs"].items():
+        for row in rows:
+            fmt = lambda v: "" if v is None else f"{v:.2e}"  # noqa: E731
+            lines.append(
+                f"| {row['quantity']} | {pair} | {fmt(row['max_abs'])} | {fmt(row['max_rel'])} | {fmt(row['noise_floor'])} | "
+                f"{fmt(row['tolerance'])} | {row['worst'] or ''} | {_verdict(row['passed'])} |"
+            )
+    return "\n".join(lines)
+
+
+def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:
+    """Runs a worker per backend, compares every pair, writes parity.json and parity.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_source = cfg.data_dir or "generated phantoms (data/demo.py)"
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        tmp = Path(tmp)
+        if cfg.data_dir is None:
+            from data.demo import make_demo_data
+
+            make_demo_data(tmp / "data", train_per_class=max(2, cfg.batch_size), test_per_class=1)
+            cfg = dataclasses.replace(cfg, data_dir=str(tmp / "data"))
+        spec = tmp / "spec.json"
+        spec.write_text(json.dumps(dataclasses.asdict(cfg)))
+        weights = out_dir / "parity.weights.h5"
+        weights.unlink(missing_ok=True)
+        outputs = {}
+        for backend in cfg.backends:
+            log(f"computing on {backend} ...")
+            outputs[backend] = tmp / f"{backend}.npz"
+            _run_worker_process(backend, spec, weights, outputs[backend])
+        results = {b: dict(np.load(p)) for b, p in outputs.items()}
+    pairs = {
+        f"{a} vs {b}": compare_pair(results[a], results[b], cfg.precision)
+        for a, b in itertools.combinations(cfg.backends, 2)
+    }
+    report = {
+        "config": dataclasses.asdict(cfg) | {"data_dir": data_source},
+        "weights_file": str(weights),
+        "environments": {b: json.loads(str(r.pop("environment"))) for b, r in results.items()},
+        "losses": {b: float(r["loss"]) for b, r in results.items()},
+        "pairs": pairs,
+        "passed": all(row["passed"] is not False for rows in pairs.values() for row in rows),
+    }
+    write_json(out_dir / "parity.json", report)
+    (out_dir / "parity.md").write_text(format_parity_table(report) + "\n")
+    return report
+
+
+def _run_worker_process(backend: str, spec: Path, weights: Path, out: Path) -> None:
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), "_parity-worker",
+               str(spec), str(weights), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ParityError(f"the {backend} parity worker failed (exit {result.returncode}):\n"
+                           f"{result.stderr[-3000:]}")

@@ -1,0 +1,163 @@
+"""`compare` and `--deterministic`: the summary arithmetic, a real grid, bit-identical reruns."""
+
+import io
+import json
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+
+from engine.compare import (
+    FACTORS,
+    Run,
+    epoch_divergence,
+    main_effects,
+    plan_runs,
+    seed_spread,
+    summarise,
+    train_command,
+)
+from tests.conftest import ROOT, active_backend, cli_env
+
+
+def fake_result(backend: str, preprocess: str, seed: int, test_accuracy: float, val_acc: list[float]) -> dict:
+    row = dict.fromkeys(
+        ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test macro-F1",
+         "Seconds per epoch", "Training img/s", "Peak memory (MiB)"], 1.0)
+    row["Test Accuracy"] = test_accuracy
+    return {
+        "backend": backend, "cell": f"preprocess={preprocess}", "levels": (("preprocess", preprocess),),
+        "seed": seed, "row": row,
+        "history": {"accuracy": val_acc, "val_accuracy": val_acc, "loss": [1.0] * len(val_acc),
+                    "val_loss": [2 - a for a in val_acc]},
+    }
+
+
+def test_plan_runs_is_the_full_grid_with_backends_innermost():
+    runs = plan_runs(("torch", "jax"), {"preprocess": ["caffe", "imagenet"], "augment": ["none", "standard"]}, [0, 1])
+    assert len(runs) == 2 * 2 * 2 * 2
+    assert [r.backend for r in runs[:2]] == ["torch", "jax"]
+    assert runs[0].levels == (("preprocess", "caffe"), ("augment", "none"))
+    assert len({r.dirname for r in runs}) == len(runs)
+
+
+def test_train_command_pins_the_cell_the_seed_and_the_weights_file(tmp_path):
+    run = Run("jax", (("preprocess", "imagenet"),), seed=3)
+    options = {"data_dir": "d", "preprocess": "caffe", "learning_rate": 5e-4, "cache": False,
+               "crop_scale": (0.5, 1.0), "init_weights": None, "seed": 0}
+    args = train_command(options, run, tmp_path / "w.weights.h5", tmp_path / "out", deterministic=True)
+    text = " ".join(args)
+    assert "--preprocess imagenet" in text and "--preprocess caffe" not in text
+    assert "--seed 3" in text and "--lr 0.0005" in text and "--no-cache" in text
+    assert "--crop-scale 0.5,1.0" in text and f"--init-weights {tmp_path / 'w.weights.h5'}" in text
+    assert args[-1] == "--deterministic"
+
+
+def test_main_effects_average_over_the_other_axes():
+    results = [
+        fake_result("torch", "caffe", 0, 0.90, [0.5]), fake_result("jax", "caffe", 0, 0.80, [0.5]),
+        fake_result("torch", "imagenet", 0, 0.70, [0.5]), fake_result("jax", "imagenet", 0, 0.60, [0.5]),
+    ]
+    effects = {e["factor"]: e for e in main_effects(results, {"preprocess": ["caffe", "imagenet"]}, "Test Accuracy")}
+    assert effects["preprocess"]["level_means"] == pytest.approx({"caffe": 0.85, "imagenet": 0.65})
+    assert effects["preprocess"]["effect"] == pytest.approx(0.20)
+    assert effects["backend"]["level_means"] == pytest.approx({"torch": 0.80, "jax": 0.70})
+    assert effects["backend"]["effect"] == pytest.approx(0.10)
+
+
+def test_seed_spread_and_divergence():
+    results = [
+        fake_result("torch", "caffe", 0, 0.90, [0.5, 0.7]), fake_result("jax", "caffe", 0, 0.80, [0.6, 0.7]),
+        fake_result("torch", "caffe", 1, 0.70, [0.5, 0.9]), fake_result("jax", "caffe", 1, 0.80, [0.5, 0.6]),
+    ]
+    # std over seeds: torch [0.9, 0.7] -> 0.1414, jax [0.8, 0.8] -> 0
+    assert seed_spread(results, "Test Accuracy") == pytest.approx((0.1414214 + 0.0) / 2, rel=1e-5)
+    divergence = epoch_divergence(results)
+    assert [round(d["max val_accuracy diff"], 6) for d in divergence] == [0.1, 0.3]
+    assert [round(d["max val_loss diff"], 6) for d in divergence] == [0.1, 0.3]
+
+
+def test_summary_markdown_holds_a_table_per_cell_and_the_effects():
+    results = [fake_result(b, p, 0, acc, [0.5]) for b, p, acc in
+               [("torch", "caffe", 0.9), ("jax", "caffe", 0.8), ("torch", "imagenet", 0.7), ("jax", "imagenet", 0.6)]]
+    text, summary = summarise(results, ("torch", "jax"), {"preprocess": ["caffe", "imagenet"]}, "cli.py compare")
+    assert text.count("| Metric | torch | jax |") == 2
+    assert "| Test Accuracy | 0.9000 | 0.8000 |" in text
+    assert "| preprocess | caffe: 0.8500, imagenet: 0.6500 | 0.2000 |" in text
+    assert summary["target"] == "Test Accuracy"
+
+
+def cli(*args: str, backend: str | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(backend or active_backend()), cwd=ROOT)
+
+
+def h5_arrays(file) -> dict[str, np.ndarray]:
+    arrays = {}
+    with h5py.File(file, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def final_weights(run_dir) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(run_dir / "model.keras") as archive:
+        return h5_arrays(io.BytesIO(archive.read("model.weights.h5")))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "tensorflow", reason="spawns two backends; runs once, in the tensorflow pass")
+def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_path):
+    out = tmp_path / "compare"
+    args = ["compare", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--weights", "none", "--preprocess", "caffe,imagenet", "--backends", "torch,tensorflow",
+            "--out", str(out), "--verbose", "0"]
+    result = cli(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert len(report["runs"]) == 4 and not report["failures"]
+    assert {r["cell"] for r in report["runs"]} == {"preprocess=caffe", "preprocess=imagenet"}
+    effects = {e["factor"]: e for e in report["summary"]["main_effects"]}
+    assert set(effects) == {"backend", "preprocess"}
+    md = (out / "compare.md").read_text()
+    assert md.count("| Metric | torch | tensorflow |") == 2 and "Peak memory (MiB)" in md
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Every backend started from the same weights file, loaded bit for bit.
+    starts = [h5_arrays(ROOT / r["run_dir"] / "initial.weights.h5") for r in report["runs"] if r["seed"] == 0]
+    for other in starts[1:]:
+        assert all(np.array_equal(starts[0][k], other[k]) for k in starts[0])
+    configs = [json.loads((ROOT / r["run_dir"] / "config.json").read_text()) for r in report["runs"]]
+    assert len({c["options"]["init_weights"] for c in configs}) == 1
+    assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
+
+    again = cli(*args)  # Interrupted or finished: a rerun reuses the finished runs.
+    assert again.returncode == 0
+    assert again.stdout.count("done earlier, reusing") == 4
+
+
+def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
+    result = cli("compare", "--data-dir", str(demo_dir), "--preprocess", "caffe,bgr", "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "'bgr' is not one of" in result.stderr
+    assert not (tmp_path / "c").exists()
+    assert set(FACTORS) == {"preprocess", "augment", "weights"}
+
+
+@pytest.mark.slow
+def test_deterministic_runs_give_bit_identical_final_weights(demo_dir, tmp_path):
+    args = ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+            "--weights", "none", "--workers", "2", "--deterministic", "--verbose", "0"]
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        result = cli(*args, "--out", str(run))
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (final_weights(r) for r in runs)
+    assert first.keys() == second.keys() and len(first) > 300
+    different = [k for k in first if not np.array_equal(first[k], second[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    initial = h5_arrays(runs[0] / "initial.weights.h5")
+    assert len(initial) == len(first)
+    assert any(not np.array_equal(a, b) for a, b in zip(initial.values(), first.values(), strict=True))  # it trained
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["options"]["deterministic"] is True and config["deterministic"]

@@ -1,0 +1,159 @@
+"""`parity`: the comparison arithmetic, and the real check across backends (and that it can fail)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.parity import NOISE_FACTOR, QUANTITIES, TOLERANCES, compare_pair, worst_difference
+from tests.conftest import ROOT, active_backend, cli_env
+
+
+def fake_result(rng: np.random.Generator, scale: float = 1.0, digest: str = "abc") -> dict:
+    """A worker's output: every quantity, plus its one-ulp 'noise/' twin."""
+    base = {
+        "inference logits": rng.normal(size=(4, 4)),
+        "training logits": rng.normal(size=(4, 4)),
+        "loss": np.array(1.2),
+        "gradients/conv/kernel": rng.normal(size=(3, 3, 3, 8)) * 100,
+        "gradients/conv/bias": rng.normal(size=8) * 1e-9,  # zero in exact arithmetic
+        "gradients/bn/gamma": rng.normal(size=8),
+        "weights after SGD step/conv/kernel": rng.normal(size=(3, 3, 3, 8)),
+    }
+    result = {k: v.astype(np.float32) * np.float32(scale) for k, v in base.items()}
+    for key in list(result):
+        if not key.startswith("weights"):
+            result[f"noise/{key}"] = result[key] * np.float32(1 + 1e-6)
+    result["batch_sha256"] = np.array(digest)
+    return result
+
+
+def perturbed(result: dict, key: str, relative: float) -> dict:
+    """`result` with `key` (and its noise twin) moved by `relative` in relative L2."""
+    out = dict(result)
+    shift = relative * np.linalg.norm(result[key]) / np.sqrt(result[key].size)
+    for k in (key, f"noise/{key}"):
+        if k in out:
+            out[k] = result[k] + np.float32(shift)
+    return out
+
+
+def rows_by_quantity(rows: list[dict]) -> dict[str, dict]:
+    return {row["quantity"]: row for row in rows}
+
+
+def test_identical_results_pass_every_quantity():
+    a = fake_result(np.random.default_rng(0))
+    rows = rows_by_quantity(compare_pair(a, dict(a), "float32"))
+    assert set(rows) == {"batch bytes (sha256)", *QUANTITIES}
+    assert all(row["passed"] for row in rows.values())
+    assert rows["gradients"]["max_rel"] == 0.0
+
+
+@pytest.mark.parametrize("quantity, key", [
+    ("inference logits", "inference logits"),
+    ("training logits", "training logits"),
+    ("gradients", "gradients/bn/gamma"),
+    ("weights after SGD step", "weights after SGD step/conv/kernel"),
+])
+def test_a_difference_above_tolerance_fails_and_names_the_tensor(quantity, key):
+    a = fake_result(np.random.default_rng(0))
+    b = perturbed(a, key, relative=1e-2)
+    row = rows_by_quantity(compare_pair(a, b, "float32"))[quantity]
+    assert row["passed"] is False
+    assert row["max_rel"] == pytest.approx(1e-2, rel=0.2)
+    if "/" in key:
+        assert row["worst"] == key.partition("/")[2]
+
+
+def test_a_zero_gradient_is_measured_against_the_largest_tensor_not_its_own_noise():
+    a = fake_result(np.random.default_rng(0))
+    b = dict(a)
+    b["gradients/conv/bias"] = -a["gradients/conv/bias"]  # 200% of its own (rounding-level) norm
+    row = rows_by_quantity(compare_pair(a, b, "float32"))["gradients"]
+    assert row["passed"] and row["max_rel"] < 1e-6
+
+
+def test_tolerance_grows_with_the_measured_noise_floor():
+    a = fake_result(np.random.default_rng(0))
+    b = perturbed(a, "training logits", relative=3e-4)
+    assert rows_by_quantity(compare_pair(a, b, "float32"))["training logits"]["passed"] is False
+    noisy = dict(a)
+    noisy["noise/training logits"] = a["training logits"] + np.float32(1e-4) * np.linalg.norm(a["training logits"]) / 4
+    row = rows_by_quantity(compare_pair(noisy, b, "float32"))["training logits"]
+    assert row["noise_floor"] == pytest.approx(1e-4, rel=0.2)
+    assert row["tolerance"] == pytest.approx(NOISE_FACTOR * row["noise_floor"])
+    assert row["passed"] is True
+
+
+def test_a_quantity_drowned_in_noise_is_neither_pass_nor_fail():
+    a = fake_result(np.random.default_rng(0))
+    a["noise/loss"] = a["loss"] * np.float32(1.5)
+    row = rows_by_quantity(compare_pair(a, dict(a), "mixed_bfloat16"))["loss"]
+    assert row["passed"] is None
+
+
+def test_different_batch_bytes_fail():
+    rng = np.random.default_rng(0)
+    a = fake_result(rng, digest="aaa")
+    rows = rows_by_quantity(compare_pair(a, dict(a, batch_sha256=np.array("bbb")), "float32"))
+    assert rows["batch bytes (sha256)"]["passed"] is False
+
+
+def test_worst_difference_refuses_mismatched_tensor_sets():
+    with pytest.raises(ValueError, match="different tensors"):
+        worst_difference({"x": np.ones(2)}, {"y": np.ones(2)})
+
+
+def test_float32_floors_are_tighter_than_mixed_precision():
+    for quantity in QUANTITIES:
+        assert TOLERANCES["float32"][quantity] < TOLERANCES["mixed_bfloat16"][quantity]
+
+
+def run_parity(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "parity"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "parity", "--image-size", "32", "--batch-size", "4",
+         "--out", str(out), *args],
+        capture_output=True, text=True, timeout=600, env=cli_env(active_backend()), cwd=ROOT,
+    )
+    report = json.loads((out / "parity.json").read_text()) if (out / "parity.json").exists() else {}
+    return result, report
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "torch", reason="spawns every backend; runs once, in the torch pass")
+def test_parity_passes_on_every_backend(tmp_path):
+    result, report = run_parity(tmp_path, "--backends", "torch,tensorflow,jax")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert report["passed"] and set(report["pairs"]) == {"torch vs tensorflow", "torch vs jax", "tensorflow vs jax"}
+    for rows in report["pairs"].values():
+        assert {row["quantity"] for row in rows} == {"batch bytes (sha256)", *QUANTITIES}
+        logits = rows_by_quantity(rows)["inference logits"]
+        assert 0 < logits["max_rel"] < 1e-5  # different frameworks, float32-close
+    assert (tmp_path / "parity" / "parity.md").read_text().count("| PASS |") == 18
+    assert (tmp_path / "parity" / "parity.weights.h5").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "tensorflow", reason="spawns two backends; runs once, in the tensorflow pass")
+def test_parity_catches_a_planted_weight_change(tmp_path):
+    result, report = run_parity(tmp_path, "--backends", "tensorflow,jax", "--plant", "jax:weight")
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    rows = rows_by_quantity(report["pairs"]["tensorflow vs jax"])
+    assert rows["batch bytes (sha256)"]["passed"]
+    failed = {q for q, row in rows.items() if row["passed"] is False}
+    assert {"inference logits", "training logits", "loss", "weights after SGD step"} <= failed, rows
+    assert "FAIL" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "jax", reason="spawns two backends; runs once, in the jax pass")
+def test_parity_catches_the_other_preprocessing_on_one_backend(tmp_path):
+    result, report = run_parity(tmp_path, "--backends", "jax,torch", "--plant", "torch:preprocess")
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    rows = rows_by_quantity(report["pairs"]["jax vs torch"])
+    assert rows["batch bytes (sha256)"]["passed"] is False
+    assert rows["inference logits"]["passed"] is False
