@@ -321,11 +321,13 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
     from engine.compare import FACTORS, CompareError, run_compare
     from engine.config import TrainConfig
     from engine.rundir import prepare_run_dir
-    from model.weights import resolve_backbone_weights
+    from model.weights import check_weights_file, resolve_backbone_weights
 
     factors = {f: options[f] for f in FACTORS}
     for level in factors["weights"]:
         resolve_backbone_weights(level)  # Offline ImageNet fails here, before any run.
+    if options["init_weights"]:
+        check_weights_file(Path(options["init_weights"]), "--init-weights file")
     for level in factors["augment"]:
         TrainConfig(data_dir=options["data_dir"], augment=level).augment_config()
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])

@@ -305,6 +305,9 @@ def run_compare(
     weights_levels = factors.get("weights", [options["weights"]])
     init_files = {}
     for weights, seed in itertools.product(weights_levels, seeds):
+        if options.get("init_weights"):  # The user's own starting file, for every run.
+            init_files[(weights, seed)] = Path(options["init_weights"])
+            continue
         path = out_dir / "initial" / f"{weights.replace('/', '_')}-seed{seed}.weights.h5"
         path.parent.mkdir(exist_ok=True)
         if not path.exists():

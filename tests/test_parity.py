@@ -115,8 +115,7 @@ def test_float32_floors_are_tighter_than_mixed_precision():
 def run_parity(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "parity"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "parity", "--image-size", "32", "--batch-size", "4",
-         "--out", str(out), *args],
+        [sys.executable, str(ROOT / "cli.py"), "parity", "--out", str(out), *args],
         capture_output=True, text=True, timeout=600, env=cli_env(active_backend()), cwd=ROOT,
     )
     report = json.loads((out / "parity.json").read_text()) if (out / "parity.json").exists() else {}
