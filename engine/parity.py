@@ -33,7 +33,7 @@ PLANTED_WEIGHT_DELTA = 1e-3
 # in some gradients of ResNet50 (backends.md), so a fixed float32 tolerance would be
 # either loose for logits or wrong for gradients. The floors are the float32 (or
 # bfloat16) rounding level of each quantity; a planted 1e-3 change in one weight is
-# 20-700x above the tolerance (tests/test_parity.py).
+# 4-140x above the tolerance (backends.md, tests/test_parity.py).
 NOISE_FACTOR = 4.0
 # Above this the noise floor says the quantity is not determined at this precision
 # (bfloat16 training from random weights): reported as NOISY, neither PASS nor FAIL.
