@@ -47,8 +47,8 @@ class Run:
 
     @property
     def dirname(self) -> str:
-        cell = "-".join(v.replace("/", "_") for _, v in self.levels)
-        return f"{cell}-seed{self.seed}/{self.backend}"
+        cell = "".join(v.replace("/", "_") + "-" for _, v in self.levels)
+        return f"{cell}seed{self.seed}/{self.backend}"
 
 
 class CompareError(RuntimeError):

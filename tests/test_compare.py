@@ -43,6 +43,8 @@ def test_plan_runs_is_the_full_grid_with_backends_innermost():
     assert [r.backend for r in runs[:2]] == ["torch", "jax"]
     assert runs[0].levels == (("preprocess", "caffe"), ("augment", "none"))
     assert len({r.dirname for r in runs}) == len(runs)
+    assert runs[0].dirname == "caffe-none-seed0/torch"
+    assert plan_runs(("jax",), {}, [2])[0].dirname == "seed2/jax"
 
 
 def test_train_command_pins_the_cell_the_seed_and_the_weights_file(tmp_path):
