@@ -319,7 +319,6 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
 
     from data.discovery import make_splits
     from engine.compare import FACTORS, CompareError, run_compare
-    from engine.config import TrainConfig
     from engine.rundir import prepare_run_dir
     from model.weights import check_weights_file, resolve_backbone_weights
 
@@ -328,8 +327,6 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
         resolve_backbone_weights(level)  # Offline ImageNet fails here, before any run.
     if options["init_weights"]:
         check_weights_file(Path(options["init_weights"]), "--init-weights file")
-    for level in factors["augment"]:
-        TrainConfig(data_dir=options["data_dir"], augment=level).augment_config()
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
     out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
     fixed = {k: v for k, v in options.items() if k not in FACTORS and k != "seed"}

@@ -55,6 +55,13 @@ def check_backend() -> str:
     return name
 
 
+def backend_subprocess_env(backend: str) -> dict[str, str]:
+    """This process's environment with `KERAS_BACKEND=backend`, for a child that runs it."""
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)

@@ -14,7 +14,6 @@ import csv
 import dataclasses
 import itertools
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.backend import backend_subprocess_env
 from engine.metrics import RESULT_ROWS, format_table, results_row
 from engine.rundir import write_json
 
@@ -85,12 +85,6 @@ def train_command(options: dict, run: Run, init_weights: Path, out: Path, determ
     if deterministic:
         args.append("--deterministic")
     return args
-
-
-def _subprocess_env(backend: str) -> dict[str, str]:
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
 
 
 def read_history(run_dir: Path) -> dict[str, list[float]]:
@@ -283,7 +277,7 @@ def build_initial_weights(backend: str, options: dict, weights: str, seed: int, 
         "--weights", weights, "--seed", str(seed),
     ]
     log(f"building initial weights ({weights}, seed {seed}) on {backend} -> {path}")
-    result = subprocess.run(command, env=_subprocess_env(backend), capture_output=True, text=True)
+    result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
     if result.returncode != 0:
         raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
 
@@ -327,7 +321,7 @@ def run_compare(
             command_line = train_command(options, run, init_files[(weights, run.seed)], run_dir, deterministic)
             log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
             start = time.perf_counter()
-            code = subprocess.run(command_line, env=_subprocess_env(run.backend)).returncode
+            code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
             if code != 0:
                 failures.append({"run": run.dirname, "exit_code": code})
                 log(f"{header}: FAILED (exit {code}); going on with the others")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -312,11 +311,11 @@ def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:
 
 
 def _run_worker_process(backend: str, spec: Path, weights: Path, out: Path) -> None:
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from engine.backend import backend_subprocess_env
+
     command = [sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), "_parity-worker",
                str(spec), str(weights), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
     if result.returncode != 0:
         raise ParityError(f"the {backend} parity worker failed (exit {result.returncode}):\n"
                            f"{result.stderr[-3000:]}")
