@@ -183,16 +183,12 @@ def pipeline_hash_command(epoch: int, num_batches: int, augment: str, **options)
     """Print a SHA-256 of the first training batches of an epoch, as `train` feeds them."""
     import keras
 
-    from data.discovery import make_splits
-    from data.loader import DecodedCache, pipeline_hash, scan_examples
+    from data.loader import pipeline_hash
     from engine.config import TrainConfig
-    from engine.train import training_batches
+    from engine.train import scanned_training_batches
 
     cfg = TrainConfig(augment=augment, **options)
-    splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
-    cache = DecodedCache() if cfg.cache else None
-    train_examples, _ = scan_examples(splits.train, cfg.image_size, cache, cfg.workers)
-    batches = training_batches(cfg, train_examples, cache)
+    batches = scanned_training_batches(cfg)
     num_batches = min(num_batches, len(batches))
     digest = pipeline_hash(batches, epoch, num_batches)
     click.echo(f"{digest}  backend={keras.backend.backend()} epoch={epoch} batches={num_batches} workers={cfg.workers}")

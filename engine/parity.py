@@ -88,19 +88,14 @@ class ParityConfig:
 
 def parity_batch(cfg: ParityConfig, preprocess: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Batch 0 of epoch 0 of the training pipeline (augmented), and its SHA-256."""
-    from data.discovery import make_splits
-    from data.loader import DecodedCache, pipeline_hash, scan_examples
+    from data.loader import pipeline_hash
     from engine.config import TrainConfig
-    from engine.train import training_batches
+    from engine.train import scanned_training_batches
 
-    train_cfg = TrainConfig(
+    batches = scanned_training_batches(TrainConfig(
         data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=cfg.batch_size,
         preprocess=preprocess, seed=cfg.seed, workers=1,
-    )
-    splits = make_splits(train_cfg.data_dir, train_cfg.val_split, train_cfg.test_split, train_cfg.split_seed)
-    cache = DecodedCache()
-    examples, _ = scan_examples(splits.train, cfg.image_size, cache, workers=1)
-    batches = training_batches(train_cfg, examples, cache)
+    ))
     images, labels = batches.batch(0, 0)
     return images, labels, pipeline_hash(batches, 0, 1)
 

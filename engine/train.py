@@ -9,7 +9,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example
+from data.discovery import DatasetError, Example, make_splits
 from data.loader import DecodedCache, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
 from engine.config import Preflight, TrainConfig, preflight
@@ -59,6 +59,14 @@ def training_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCa
         examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cfg.augment_config(),
         shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
     )
+
+
+def scanned_training_batches(cfg: TrainConfig) -> MRIBatches:
+    """`training_batches` of `cfg.data_dir`'s training split, unreadable files left out."""
+    splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
+    cache = DecodedCache() if cfg.cache else None
+    examples, _ = scan_examples(splits.train, cfg.image_size, cache, cfg.workers)
+    return training_batches(cfg, examples, cache)
 
 
 def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
