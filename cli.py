@@ -35,12 +35,13 @@ def _user_errors(fn):
         try:
             check_backend()
             from data.discovery import DatasetError
+            from engine.config import ConfigError
             from engine.rundir import OutputDirError
             from model.weights import WeightsError
 
             try:
                 return fn(*args, **kwargs)
-            except (DatasetError, WeightsError, OutputDirError) as e:
+            except (DatasetError, WeightsError, OutputDirError, ConfigError) as e:
                 raise UserError(str(e)) from None
         except BackendError as e:
             raise UserError(str(e)) from None
@@ -82,28 +83,78 @@ def data_options(fn):
     return fn
 
 
-def train_options(fn):
-    """Options of the model, the optimizer and the augmentation."""
-    options = [
-        click.option("--epochs", default=10, show_default=True, type=click.IntRange(1)),
-        click.option("--lr", "learning_rate", default=1e-4, show_default=True, type=float, help="Adam learning rate."),
-        click.option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none (random) or PATH to a ResNet50 notop .h5 file."),
-        click.option("--init-weights", default=None, type=click.Path(), help="Start the whole model from a .weights.h5 file (e.g. another run's initial.weights.h5)."),
-        click.option("--freeze", default="none", show_default=True, type=click.Choice(["none", "backbone"]), help="backbone: train only the head; the backbone's BatchNorm stays in inference mode."),
-        click.option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-        click.option("--bn-momentum", default=None, type=click.FloatRange(0, 1, max_open=True), help="Backbone BatchNorm moving-average momentum (default: Keras' 0.99; torchvision's is 0.9)."),
-        click.option("--augment", default="standard", show_default=True, type=click.Choice(["standard", "none"]), help="Training augmentation: random resized crop, horizontal flip, rotation."),
-        click.option("--crop-scale", default="0.08,1.0", show_default=True, type=FloatPair(), help="Random resized crop: area fraction range."),
-        click.option("--crop-ratio", default="0.75,1.3333", show_default=True, type=FloatPair(), help="Random resized crop: aspect ratio range."),
-        click.option("--flip-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Horizontal flip probability (0: off)."),
-        click.option("--rotate-degrees", default=10.0, show_default=True, type=click.FloatRange(0, 180), help="Rotation range +-degrees (0: off)."),
-        click.option("--deterministic/--no-deterministic", default=False, show_default=True, help="Each framework's deterministic mode (tf op determinism, torch deterministic algorithms, XLA deterministic ops); recorded in config.json."),
-        click.option("--out", default=None, type=click.Path(), help="Run directory (default runs/<time>-<backend>/)."),
-        click.option("--verbose", default=1, show_default=True, type=click.IntRange(0, 2), help="Keras progress: 0 silent, 1 bar, 2 a line per epoch."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
+def _option(*decls: str, **attrs):
+    """An option's declaration, kept as data so a command can change its defaults."""
+    return decls, attrs
+
+
+def _apply(fn, options: list, overrides: dict | None = None):
+    """Decorates `fn` with `options`; `overrides` maps a parameter name to changed attributes
+    (`decls` renames the flag)."""
+    for decls, attrs in reversed(options):
+        name = decls[-1] if not decls[-1].startswith("-") else decls[0].lstrip("-").replace("-", "_").split("/")[0]
+        changed = dict(attrs, **(overrides or {}).get(name, {}))
+        fn = click.option(*changed.pop("decls", decls), **changed)(fn)
     return fn
+
+
+ARCHITECTURE_OPTIONS = [
+    _option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50", "hybrid"]), help="resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN head."),
+    _option("--cut", default="conv4", show_default=True, type=click.Choice(["conv3", "conv4", "conv5"]), help="Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out)."),
+    _option("--head-blocks", default=2, show_default=True, type=click.IntRange(0), help="Hybrid: Conv-BatchNorm-ReLU blocks after the cut."),
+    _option("--head-filters", default=256, show_default=True, type=click.IntRange(1), help="Hybrid: channels of each head block."),
+    _option("--se/--no-se", default=True, show_default=True, help="Hybrid: squeeze-and-excitation in each head block."),
+]
+
+
+def architecture_options(fn):
+    """Options that choose the model (and so the shape of its weights file)."""
+    return _apply(fn, ARCHITECTURE_OPTIONS)
+
+
+TRAIN_OPTIONS = [
+    _option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Epochs of the main phase (after any --head-epochs)."),
+    _option("--lr", "learning_rate", default=1e-4, show_default=True, type=float, help="Adam learning rate of the main phase (its peak with warmup or cosine)."),
+    _option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none (random) or PATH to a ResNet50 notop .h5 file."),
+    _option("--init-weights", default=None, type=click.Path(), help="Start the whole model from a .weights.h5 file (e.g. another run's initial.weights.h5)."),
+    *ARCHITECTURE_OPTIONS,
+    _option("--freeze", default="none", show_default=True, type=click.Choice(["none", "backbone"]), help="backbone: the main phase trains only what follows the backbone."),
+    _option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+    _option("--bn-momentum", default=None, type=click.FloatRange(0, 1, max_open=True), help="Backbone BatchNorm moving-average momentum (default: Keras' 0.99; torchvision's is 0.9)."),
+    _option("--bn-train/--no-bn-train", default=None, help="Backbone BatchNorm uses batch statistics while it trains (default: yes for resnet50, no for hybrid; a frozen layer never does)."),
+    _option("--head-epochs", default=0, show_default=True, type=click.IntRange(0), help="First phase: epochs with the backbone frozen (0: no such phase)."),
+    _option("--head-lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the --head-epochs phase."),
+    _option("--unfreeze-blocks", default=None, type=click.IntRange(0), help="Main phase: only the top K residual blocks of the backbone train (default: all of it)."),
+    _option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]), help="Main phase learning rate after warmup: constant, or cosine decay to 0."),
+    _option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(0), help="Main phase: linear warmup from 0 over this many epochs."),
+    _option("--augment", default="standard", show_default=True, type=click.Choice(["standard", "none"]), help="Training augmentation: random resized crop, horizontal flip, rotation."),
+    _option("--crop-scale", default="0.08,1.0", show_default=True, type=FloatPair(), help="Random resized crop: area fraction range."),
+    _option("--crop-ratio", default="0.75,1.3333", show_default=True, type=FloatPair(), help="Random resized crop: aspect ratio range."),
+    _option("--flip-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Horizontal flip probability (0: off)."),
+    _option("--rotate-degrees", default=10.0, show_default=True, type=click.FloatRange(0, 180), help="Rotation range +-degrees (0: off)."),
+    _option("--deterministic/--no-deterministic", default=False, show_default=True, help="Each framework's deterministic mode (tf op determinism, torch deterministic algorithms, XLA deterministic ops); recorded in config.json."),
+    _option("--out", default=None, type=click.Path(), help="Run directory (default runs/<time>-<backend>/)."),
+    _option("--verbose", default=1, show_default=True, type=click.IntRange(0, 2), help="Keras progress: 0 silent, 1 bar, 2 a line per epoch."),
+]
+
+# `hybrid` is `train --model hybrid` with the two-phase recipe as its defaults.
+HYBRID_DEFAULTS = {
+    "epochs": {"decls": ("--finetune-epochs", "epochs"), "default": 4, "help": "Second phase: epochs fine-tuning the top --unfreeze-blocks blocks with the head."},
+    "learning_rate": {"decls": ("--finetune-lr", "learning_rate"), "default": 1e-5, "help": "Second phase: peak Adam learning rate (warmup, then cosine decay)."},
+    "model": {"default": "hybrid", "hidden": True},
+    "freeze": {"hidden": True},
+    "head_epochs": {"default": 2, "type": click.IntRange(1), "help": "First phase: epochs training the head with the backbone frozen."},
+    "unfreeze_blocks": {"default": 3, "show_default": True, "help": "Second phase: the top K residual blocks of the backbone train with the head."},
+    "lr_schedule": {"default": "cosine"},
+    "warmup_epochs": {"default": 0.5},
+}
+
+
+def train_options(fn=None, *, overrides: dict | None = None):
+    """Options of the model, the schedule, the optimizer and the augmentation."""
+    if fn is None:
+        return lambda f: _apply(f, TRAIN_OPTIONS, overrides)
+    return _apply(fn, TRAIN_OPTIONS, overrides)
 
 
 class LevelList(click.ParamType):
@@ -146,7 +197,26 @@ def cli() -> None:
 @train_options
 @_user_errors
 def train(**options) -> None:
-    """Fine-tune the ResNet50 classifier and write a run directory."""
+    """Fine-tune the ResNet50 classifier (or the hybrid) and write a run directory."""
+    _train(options)
+
+
+@cli.command()
+@data_options
+@train_options(overrides=HYBRID_DEFAULTS)
+@_user_errors
+def hybrid(**options) -> None:
+    """Train the hybrid: ResNet50 cut at --cut plus a custom CNN head, in two phases.
+
+    Phase 1 trains the head with the backbone frozen (--head-epochs, --head-lr); phase 2
+    also trains the top --unfreeze-blocks residual blocks (--finetune-epochs, --finetune-lr,
+    warmup and cosine decay). The backbone's BatchNorm stays on its moving statistics
+    (--bn-train to change). Writes a train run directory plus stability.csv/png.
+    """
+    _train(options)
+
+
+def _train(options: dict) -> None:
     from engine.config import TrainConfig, preflight
 
     cfg = TrainConfig(**options)
@@ -155,9 +225,12 @@ def train(**options) -> None:
         from engine.backend import deterministic_environment
 
         os.environ.update(deterministic_environment())  # XLA reads its flags at import.
-    from engine.train import run_training
+    from engine.train import DivergedError, run_training
 
-    run_training(cfg, checked)
+    try:
+        run_training(cfg, checked)
+    except DivergedError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @cli.command("make-demo-data")
@@ -240,7 +313,7 @@ class BackendList(click.ParamType):
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the batch comes from (default: generated phantoms).")
 @click.option("--image-size", default=64, show_default=True, type=click.IntRange(32))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(2))
-@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50"]))
+@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50", "hybrid"]), help="hybrid: with the default --cut, --head-blocks, --head-filters and --se of `hybrid`.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]), help="Keras dtype policy; each has its own tolerances.")
 @click.option("--preprocess", default="caffe", show_default=True, type=click.Choice(["caffe", "imagenet"]))
 @click.option("--lr", "learning_rate", default=0.01, show_default=True, type=float, help="Learning rate of the one SGD step.")
@@ -282,23 +355,24 @@ def parity(backends, out, plant, **options) -> None:
 @click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
 @click.option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none or PATH.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomly initialised layers.")
+@architecture_options
 @_user_errors
-def init_weights(path: str, num_classes: int, image_size: int, weights: str, seed: int) -> None:
-    """Build the classifier once and save its weights to PATH (*.weights.h5), for --init-weights."""
+def init_weights(path: str, num_classes: int, image_size: int, weights: str, seed: int, **architecture) -> None:
+    """Build the model once and save its weights to PATH (*.weights.h5), for --init-weights."""
     if not path.endswith(".weights.h5"):
         raise UserError(f"{path}: the file name must end in .weights.h5")
     import keras
 
-    from model import build_classifier
+    from model import ModelSpec, build_model
 
     keras.utils.set_random_seed(seed)
-    model = build_classifier(num_classes, image_size, weights)
+    model = build_model(ModelSpec(architecture.pop("model"), **architecture), num_classes, image_size, weights)
     model.save_weights(path)
     click.echo(f"wrote {path} ({keras.backend.backend()}, {model.count_params():,} parameters)")
 
 
 @cli.command()
-@factor_options("preprocess", "augment", "weights")
+@factor_options("model", "preprocess", "augment", "weights")  # engine.compare.FACTORS
 @data_options
 @train_options
 @click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList())

@@ -29,7 +29,7 @@ from engine.metrics import RESULT_ROWS, format_table, results_row
 from engine.rundir import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-FACTORS = ("preprocess", "augment", "weights")
+FACTORS = ("model", "preprocess", "augment", "weights")
 SUMMARY_ROWS = [*RESULT_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
 
 
@@ -268,15 +268,17 @@ def summarise(results: list[dict], backends: tuple[str, ...], factors: dict[str,
     return "\n".join(md), summary
 
 
-def build_initial_weights(backend: str, options: dict, weights: str, seed: int, num_classes: int, path: Path,
-                          log: Callable[[str], None]) -> None:
+def build_initial_weights(backend: str, options: dict, model: str, weights: str, seed: int, num_classes: int,
+                          path: Path, log: Callable[[str], None]) -> None:
     """Builds the starting weights once, in a subprocess of `backend`."""
     command = [
         sys.executable, str(ROOT / "cli.py"), "init-weights", str(path),
         "--num-classes", str(num_classes), "--image-size", str(options["image_size"]),
-        "--weights", weights, "--seed", str(seed),
+        "--weights", weights, "--seed", str(seed), "--model", model,
+        "--cut", options["cut"], "--head-blocks", str(options["head_blocks"]),
+        "--head-filters", str(options["head_filters"]), "--se" if options["se"] else "--no-se",
     ]
-    log(f"building initial weights ({weights}, seed {seed}) on {backend} -> {path}")
+    log(f"building initial weights ({model}, {weights}, seed {seed}) on {backend} -> {path}")
     result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
     if result.returncode != 0:
         raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
@@ -296,29 +298,33 @@ def run_compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "compare"
     runs = plan_runs(backends, factors, seeds)
+    models = factors.get("model", [options["model"]])
     weights_levels = factors.get("weights", [options["weights"]])
+    if options.get("init_weights") and len(models) > 1:
+        raise CompareError("--init-weights fits one model; give one --model level with it")
     init_files = {}
-    for weights, seed in itertools.product(weights_levels, seeds):
+    for model, weights, seed in itertools.product(models, weights_levels, seeds):
         if options.get("init_weights"):  # The user's own starting file, for every run.
-            init_files[(weights, seed)] = Path(options["init_weights"])
+            init_files[(model, weights, seed)] = Path(options["init_weights"])
             continue
-        path = out_dir / "initial" / f"{weights.replace('/', '_')}-seed{seed}.weights.h5"
+        path = out_dir / "initial" / f"{model}-{weights.replace('/', '_')}-seed{seed}.weights.h5"
         path.parent.mkdir(exist_ok=True)
         if not path.exists():
-            build_initial_weights(backends[0], options, weights, seed, num_classes, path, log)
-        init_files[(weights, seed)] = path
+            build_initial_weights(backends[0], options, model, weights, seed, num_classes, path, log)
+        init_files[(model, weights, seed)] = path
 
     results, failures = [], []
     for i, run in enumerate(runs, 1):
         run_dir = out_dir / "runs" / run.dirname
-        weights = dict(run.levels).get("weights", options["weights"])
+        levels = dict(run.levels)
+        start_point = (levels.get("model", options["model"]), levels.get("weights", options["weights"]), run.seed)
         header = f"[{i}/{len(runs)}] {run.backend}  {run.cell or 'baseline'}  seed {run.seed}"
         if (run_dir / "metrics.json").exists():
             log(f"{header}: done earlier, reusing {run_dir}")
         else:
             if run_dir.exists():  # An interrupted run: start it again from scratch.
                 shutil.rmtree(run_dir)
-            command_line = train_command(options, run, init_files[(weights, run.seed)], run_dir, deterministic)
+            command_line = train_command(options, run, init_files[start_point], run_dir, deterministic)
             log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
             start = time.perf_counter()
             code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
@@ -342,7 +348,7 @@ def run_compare(
     report = {
         "command": command, "options": options, "backends": list(backends), "factors": factors,
         "seeds": seeds, "deterministic": deterministic,
-        "initial_weights": {f"{w},seed{s}": str(p) for (w, s), p in init_files.items()},
+        "initial_weights": {f"{m},{w},seed{s}": str(p) for (m, w, s), p in init_files.items()},
         "runs": results, "failures": failures, "summary": summary,
     }
     write_json(out_dir / "compare.json", report)

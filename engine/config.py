@@ -9,7 +9,14 @@ from data.augment import AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
 from engine.rundir import prepare_run_dir
+from model.spec import ModelSpec
 from model.weights import check_weights_file, resolve_backbone_weights
+
+SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
+
+
+class ConfigError(ValueError):
+    """Options that do not fit together."""
 
 
 @dataclasses.dataclass
@@ -25,9 +32,20 @@ class TrainConfig:
     learning_rate: float = 1e-4
     weights: str = "imagenet"
     init_weights: str | None = None
+    model: str = "resnet50"
+    cut: str = "conv4"
+    head_blocks: int = 2
+    head_filters: int = 256
+    se: bool = True
     freeze: str = "none"
     dropout: float = 0.2
     bn_momentum: float | None = None
+    bn_train: bool | None = None
+    head_epochs: int = 0
+    head_lr: float = 1e-3
+    unfreeze_blocks: int | None = None
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
     preprocess: str = "caffe"
     augment: str = "standard"
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -42,6 +60,21 @@ class TrainConfig:
     cache: bool = True
     deterministic: bool = False
     verbose: int = 1
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
+                         self.bn_momentum, self.bn_train)
+
+    def check_schedule(self) -> None:
+        """Raises ConfigError for schedule options that do not fit together or the model."""
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        blocks = self.model_spec().backbone_blocks
+        if self.unfreeze_blocks is not None and self.unfreeze_blocks > blocks:
+            raise ConfigError(f"--unfreeze-blocks {self.unfreeze_blocks}: the {self.model} backbone"
+                             f"{f' cut at {self.cut}' if self.model == 'hybrid' else ''} has {blocks} residual blocks")
+        if self.freeze == "backbone" and self.unfreeze_blocks:
+            raise ConfigError("--freeze backbone and --unfreeze-blocks contradict each other; give one")
 
     def augment_config(self) -> AugmentConfig:
         if self.augment == "none":
@@ -71,6 +104,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     Needs no backend, so bad input fails in about a second with one clear error.
     """
     cfg.augment_config()
+    cfg.check_schedule()
     splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
     resolve_backbone_weights(cfg.weights)
     if cfg.init_weights:

@@ -21,7 +21,6 @@ import numpy as np
 from engine.rundir import write_json
 
 PRECISIONS = ("float32", "mixed_bfloat16")
-MODELS = ("resnet50",)
 PLANTS = ("weight", "preprocess")
 PLANTED_WEIGHT_DELTA = 1e-3
 
@@ -102,11 +101,9 @@ def parity_batch(cfg: ParityConfig, preprocess: str) -> tuple[np.ndarray, np.nda
 
 def build_parity_model(cfg: ParityConfig, num_classes: int):
     """The model under test, without dropout: its masks come from each backend's own RNG."""
-    from model import build_classifier
+    from model import ModelSpec, build_model
 
-    if cfg.model != "resnet50":
-        raise ValueError(f"unknown model {cfg.model!r}; choose from {MODELS}")
-    return build_classifier(num_classes, cfg.image_size, weights="none", dropout=0.0)
+    return build_model(ModelSpec(cfg.model, dropout=0.0), num_classes, cfg.image_size)
 
 
 def _numpy(x) -> np.ndarray:

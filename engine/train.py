@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import warnings
+from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,34 +14,18 @@ import numpy as np
 from data.discovery import DatasetError, Example, make_splits
 from data.loader import DecodedCache, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
+from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard
 from engine.config import Preflight, TrainConfig, preflight
 from engine.metrics import RESULT_ROWS, classification_report, format_table, results_row
 from engine.rundir import write_json
-from model import build_classifier, load_initial_weights
+from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
+from engine.stability import StabilityMonitor
+from model import build_model, load_initial_weights
+from model.structure import set_backbone_trainable
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Adds `seconds` (the whole epoch) and `images_per_second` (the training phase,
-    validation excluded) to each epoch's logs, and so to history.csv."""
-
-    def __init__(self, num_images: int) -> None:
-        super().__init__()
-        self.num_images = num_images
-        self._start = self._train_end = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-        self._train_end = 0.0
-
-    def on_test_begin(self, logs=None):
-        if self._start and not self._train_end:  # validation inside fit
-            self._train_end = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        end = time.perf_counter()
-        if logs is not None:
-            logs["seconds"] = end - self._start
-            logs["images_per_second"] = self.num_images / ((self._train_end or end) - self._start)
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; training stopped and the last good weights were kept."""
 
 
 def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> tuple[list[Example], list]:
@@ -69,6 +55,74 @@ def scanned_training_batches(cfg: TrainConfig) -> MRIBatches:
     return training_batches(cfg, examples, cache)
 
 
+def probe_batch(cfg: TrainConfig, examples: list[Example], cache) -> tuple[np.ndarray, np.ndarray]:
+    """The stability log's fixed batch: up to `batch_size` training images spread over the
+    split (so over the classes), not augmented."""
+    picks = np.linspace(0, len(examples) - 1, min(cfg.batch_size, len(examples))).astype(int)
+    chosen = [examples[i] for i in picks]
+    return MRIBatches(chosen, cfg.image_size, len(chosen), cfg.preprocess, cache=cache, workers=0).batch(0, 0)
+
+
+def fit_phases(
+    model: keras.Model,
+    phases: list[Phase],
+    train_batches: MRIBatches,
+    val_batches: MRIBatches | None,
+    callbacks: list[keras.callbacks.Callback],
+    history_csv: Path,
+    verbose: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[float]]:
+    """Runs the phases one `fit` after another, recompiling between them.
+
+    The epoch counter runs on, Adam's state (step and moments) carries over into each
+    new phase's optimizer, and history.csv gets every epoch once. A callback that stops
+    training (the non-finite loss guard) also ends the schedule.
+    """
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    history: dict[str, list[float]] = defaultdict(list)
+    optimizer, epoch = None, 0
+    for i, phase in enumerate(phases):
+        blocks = set_backbone_trainable(model, phase.backbone_blocks)
+        start_step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer else 0
+        previous, optimizer = optimizer, keras.optimizers.Adam(
+            phase_learning_rate(phase, len(train_batches), start_step)
+        )
+        model.compile(optimizer=optimizer, loss=loss,
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        optimizer.build(model.trainable_variables)
+        carried = carry_optimizer_state(previous, optimizer) if previous else 0
+        for callback in callbacks:
+            if isinstance(callback, StabilityMonitor):
+                callback.phase = phase.name
+        log(f"Phase {phase.name}: epochs {epoch + 1}-{epoch + phase.epochs}, "
+            f"{len(model.trainable_variables)} trainable tensors, backbone blocks training: "
+            f"{_describe_blocks(blocks, phase.backbone_blocks)}, lr {phase.learning_rate:g} "
+            f"({phase.schedule}{f', warmup {phase.warmup_epochs:g} epochs' if phase.warmup_epochs else ''})"
+            + (f", {carried} optimizer variables carried over" if previous else ""))
+        phase_history = model.fit(
+            train_batches,
+            validation_data=val_batches,
+            initial_epoch=epoch,
+            epochs=epoch + phase.epochs,
+            shuffle=False,  # The order is the pipeline's own seeded permutation.
+            callbacks=[*callbacks, keras.callbacks.CSVLogger(str(history_csv), append=i > 0)],
+            verbose=verbose,
+        ).history
+        for key, values in phase_history.items():
+            history[key] += values
+        epoch += len(phase_history.get("loss", []))
+        if model.stop_training:
+            break
+    return dict(history)
+
+
+def _describe_blocks(blocks: list[str], requested: int | None) -> str:
+    if requested is None:
+        return "all"
+    return ", ".join(blocks) if blocks else "none (frozen)"
+
+
 def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
     batches = MRIBatches(
         examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers
@@ -87,8 +141,10 @@ def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str]) -> 
 def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print) -> dict:
     """Trains the classifier as `cfg` says and fills the run directory.
 
-    Writes config.json, initial.weights.h5, history.csv, best.weights.h5, model.keras,
-    skipped.txt and metrics.json; returns the metrics.
+    Writes config.json, initial.weights.h5, history.csv, last.weights.h5, best.weights.h5,
+    stability.csv, stability.png, model.keras, skipped.txt and metrics.json; returns the
+    metrics. Raises `DivergedError` on a non-finite loss (without writing the model or
+    the metrics; the checkpoints hold the last good epoch).
     """
     backend = keras.backend.backend()
     checked = checked or preflight(cfg)
@@ -110,17 +166,17 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
 
     determinism = enable_determinism() if cfg.deterministic else None
     keras.utils.set_random_seed(cfg.seed)
-    model = build_classifier(
-        len(splits.classes), cfg.image_size, cfg.weights, cfg.freeze, cfg.dropout, cfg.bn_momentum
-    )
+    model = build_model(cfg.model_spec(), len(splits.classes), cfg.image_size, cfg.weights)
     if cfg.init_weights:
         load_initial_weights(model, cfg.init_weights)
     model.save_weights(run_dir / "initial.weights.h5")
+    phases = plan_phases(cfg)
 
     write_json(
         run_dir / "config.json",
         {
             "options": dataclasses.asdict(cfg),
+            "phases": [dataclasses.asdict(p) for p in phases],
             "classes": splits.classes,
             "test_source": splits.test_source,
             "counts": counts,
@@ -132,42 +188,36 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         },
     )
 
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
     train_batches = training_batches(cfg, train, cache)
     val_batches = (
         MRIBatches(val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers)
         if val else None
     )
     monitor = "val_accuracy" if val else "accuracy"
-    callbacks = [
-        EpochTimer(len(train)),
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv")),
-        keras.callbacks.ModelCheckpoint(
-            str(run_dir / "best.weights.h5"), monitor=monitor, mode="max",
-            save_best_only=True, save_weights_only=True,
-        ),
-    ]
-    history = model.fit(
-        train_batches,
-        validation_data=val_batches,
-        epochs=cfg.epochs,
-        shuffle=False,  # The order is the pipeline's own seeded permutation.
-        callbacks=callbacks,
-        verbose=cfg.verbose,
-    ).history
+    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, monitor)
+    stability = StabilityMonitor(*probe_batch(cfg, train, cache), run_dir)
+    history = fit_phases(
+        model, phases, train_batches, val_batches,
+        # Order matters: the timer and the stability log add to the logs history.csv gets.
+        [EpochTimer(len(train)), guard, stability, checkpoints],
+        run_dir / "history.csv", cfg.verbose, log,
+    )
+    if guard.event:
+        raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
     model.save(run_dir / "model.keras")
 
     final = _evaluate(model, val, test, cfg, cache, splits.classes)
-    best_epoch = int(np.argmax(history[monitor]))
-    model.load_weights(run_dir / "best.weights.h5")
+    best_epoch = checkpoints.best_epoch - 1
+    with warnings.catch_warnings():
+        # The file also holds the optimizer of its epoch's phase; only the model's weights matter here.
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(run_dir / "best.weights.h5")
     best = _evaluate(model, val, test, cfg, cache, splits.classes)
     metrics = {
         "backend": backend,
-        "epochs": cfg.epochs,
+        "model": cfg.model,
+        "epochs": len(history["loss"]),
+        "phases": [{"name": p.name, "epochs": p.epochs} for p in phases],
         "train": {"loss": history["loss"][-1], "accuracy": history["accuracy"][-1]},
         **final,
         "best": {
@@ -182,6 +232,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         "seconds_per_epoch": float(np.mean(history["seconds"])),
         "train_images_per_second": float(np.mean(history["images_per_second"])),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "stability": stability.summary(),
         "counts": counts,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "failed_during_training": [{"path": p, "reason": r} for p, r in train_batches.failed],
@@ -193,6 +244,14 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     }))
     log(f"\nRun directory: {run_dir}")
     return metrics
+
+
+def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> str:
+    kept = (f"the last good weights (epoch {checkpoints.last_epoch}) are in {checkpoints.last}"
+            if checkpoints.last_epoch else f"no epoch finished; the starting weights are in {run_dir / 'initial.weights.h5'}")
+    return (f"non-finite loss ({event['loss']}) in epoch {event['epoch']}, batch {event['batch']}: training stopped; "
+            f"{kept}; {run_dir / 'stability.csv'} shows the gradient norms and activations that led there "
+            f"(try a lower learning rate)")
 
 
 def results_table(runs: dict[str, dict]) -> str:

@@ -1,14 +1,20 @@
-"""The one model definition: an ImageNet-pretrainable ResNet50 classifier.
+"""The models: the plain ResNet50 classifier and the hybrid (ResNet50 cut + custom CNN head).
 
-`model.weights` does not import Keras, so weight options can be checked before
-a backend loads; `build_classifier` is imported on first use for the same reason.
+`model.weights` and `model.spec` do not import Keras, so options can be checked before a
+backend loads; the builders are imported on first use for the same reason.
 """
 
+from model.spec import CUTS, MODELS, ModelSpec, build_model
 from model.weights import WeightsError, check_weights_file, load_initial_weights, resolve_backbone_weights
 
 __all__ = [
+    "CUTS",
+    "MODELS",
+    "ModelSpec",
     "WeightsError",
     "build_classifier",
+    "build_hybrid",
+    "build_model",
     "check_weights_file",
     "load_initial_weights",
     "resolve_backbone_weights",
@@ -20,4 +26,8 @@ def __getattr__(name: str):
         from model.classifier import build_classifier
 
         return build_classifier
+    if name == "build_hybrid":
+        from model.hybrid import build_hybrid
+
+        return build_hybrid
     raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -1,23 +1,54 @@
-"""`build_classifier`: ResNet50 without its top, global average pooling, dropout, logits."""
+"""The plain classifier: ResNet50 without its top, global average pooling, dropout, logits.
+
+`build_backbone` and `classification_head` are shared with the hybrid model.
+"""
 
 from __future__ import annotations
 
 import keras
 
+from model.spec import CUT_LAYERS
 from model.weights import WeightsError, resolve_backbone_weights
 
 FREEZE_MODES = ("none", "backbone")
+BACKBONE_NAME = "resnet50"
 
 
-def build_backbone(image_size: int, weights: str = "none") -> keras.Model:
-    """`keras.applications.ResNet50(include_top=False)` for square RGB inputs."""
+def build_backbone(
+    image_size: int, weights: str = "none", cut: str = "conv5", bn_momentum: float | None = None
+) -> keras.Model:
+    """`keras.applications.ResNet50(include_top=False)` for square RGB inputs, ending at `cut`."""
+    if cut not in CUT_LAYERS:
+        raise ValueError(f"cut must be one of {tuple(CUT_LAYERS)}, got {cut!r}")
     resolved = resolve_backbone_weights(weights)
     try:
-        return keras.applications.ResNet50(
+        resnet = keras.applications.ResNet50(
             include_top=False, weights=resolved, input_shape=(image_size, image_size, 3)
         )
     except (ValueError, OSError) as e:
         raise WeightsError(f"cannot load backbone weights {weights!r}: {e}") from None
+    if bn_momentum is not None:
+        for layer in resnet.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = bn_momentum
+    if cut == "conv5":
+        return resnet
+    return keras.Model(resnet.input, resnet.get_layer(CUT_LAYERS[cut]).output, name=BACKBONE_NAME)
+
+
+def apply_backbone(backbone: keras.Model, inputs, bn_train: bool):
+    """Calls the backbone; without `bn_train` its BatchNormalization always uses the
+    moving statistics, the ones the pretrained weights were computed with."""
+    # training=False is fixed into the graph here (the keras-io fine-tuning recipe), so
+    # it holds in fit's training steps too, whether the backbone is frozen or not.
+    return backbone(inputs) if bn_train else backbone(inputs, training=False)
+
+
+def classification_head(x, num_classes: int, dropout: float):
+    """Global average pooling, dropout and the logits layer."""
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    return keras.layers.Dense(num_classes, name="logits")(x)
 
 
 def build_classifier(
@@ -27,6 +58,7 @@ def build_classifier(
     freeze: str = "none",
     dropout: float = 0.2,
     bn_momentum: float | None = None,
+    bn_train: bool | None = None,
 ) -> keras.Model:
     """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss).
 
@@ -34,28 +66,21 @@ def build_classifier(
         num_classes: size of the logits layer.
         image_size: square input side, in pixels (32 or more).
         weights: `imagenet`, `none` (random init) or a path to backbone weights.
-        freeze: `none` trains everything; `backbone` trains only the head and
-            runs the backbone's BatchNormalization in inference mode.
+        freeze: `none` trains everything; `backbone` trains only the head.
         dropout: rate of the dropout before the logits.
         bn_momentum: if set, the moving-average momentum of every backbone
             BatchNormalization (Keras' ResNet50 uses 0.99; torchvision's
             equivalent is 0.9). A lower value lets the inference statistics
             catch up in short runs from random weights.
+        bn_train: whether the backbone's BatchNormalization uses batch statistics
+            while it trains; default: yes unless the backbone is frozen.
     """
     if freeze not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
-    backbone = build_backbone(image_size, weights)
-    if bn_momentum is not None:
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.momentum = bn_momentum
+    backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum)
     frozen = freeze == "backbone"
     backbone.trainable = not frozen
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # training=False keeps a frozen backbone's BatchNormalization on its moving
-    # statistics even while the head trains (the keras-io fine-tuning recipe).
-    x = backbone(inputs, training=False) if frozen else backbone(inputs)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
+    x = apply_backbone(backbone, inputs, bn_train=not frozen if bn_train is None else bn_train)
+    logits = classification_head(x, num_classes, dropout)
     return keras.Model(inputs, logits, name="resnet50_classifier")

@@ -1,0 +1,94 @@
+"""Training phases: which part of the model trains, for how long, at what learning rate.
+
+A run is one phase (`train`) or two (`head`, then `finetune`): the head first with
+the backbone frozen, then the top residual blocks too, at a low rate with warmup
+and cosine decay. One Adam optimizer state runs through both phases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+
+from engine.config import SCHEDULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One `fit` call: its epochs, learning rate and trainable backbone blocks."""
+
+    name: str
+    epochs: int
+    learning_rate: float
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    backbone_blocks: int | None = None  # top residual blocks that train; None: all, 0: frozen
+
+
+def plan_phases(cfg) -> list[Phase]:
+    """The phases a `TrainConfig` asks for."""
+    phases = []
+    if cfg.head_epochs:
+        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0))
+    blocks = 0 if cfg.freeze == "backbone" else cfg.unfreeze_blocks
+    phases.append(Phase(
+        "finetune" if phases else "train", cfg.epochs, cfg.learning_rate, cfg.lr_schedule,
+        cfg.warmup_epochs, blocks,
+    ))
+    return phases
+
+
+@keras.saving.register_keras_serializable(package="brain_mri")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak` over `warmup_steps`, then constant or cosine decay to zero at
+    `total_steps`; steps count from `start_step`, the optimizer step at which the phase starts."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, start_step: int = 0,
+                 decay: str = "cosine") -> None:
+        if decay not in SCHEDULES:
+            raise ValueError(f"decay must be one of {SCHEDULES}, got {decay!r}")
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, total_steps
+        self.start_step, self.decay = start_step, decay
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32") - self.start_step
+        warmup = ops.minimum((step + 1) / max(self.warmup_steps, 1), 1.0)
+        if self.decay == "constant":
+            return self.peak * warmup
+        progress = ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
+        cosine = 0.5 * (1 + ops.cos(math.pi * progress))
+        return self.peak * ops.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "start_step": self.start_step, "decay": self.decay}
+
+
+def phase_learning_rate(phase: Phase, steps_per_epoch: int, start_step: int):
+    """A float for a constant rate without warmup, else a `WarmupSchedule`."""
+    warmup_steps = round(phase.warmup_epochs * steps_per_epoch)
+    if phase.schedule == "constant" and not warmup_steps:
+        return phase.learning_rate
+    return WarmupSchedule(phase.learning_rate, warmup_steps, phase.epochs * steps_per_epoch, start_step,
+                          phase.schedule)
+
+
+def carry_optimizer_state(source: keras.optimizers.Optimizer, target: keras.optimizers.Optimizer) -> int:
+    """Copies the step count and the slots (e.g. Adam's moments) of every variable both
+    optimizers track from `source` into the built `target`; returns how many were copied.
+
+    Keras names a slot after its variable's path (`head_block1_conv_kernel_momentum`),
+    so a variable that trained in the previous phase keeps its moments.
+    """
+    previous = {v.name: v for v in source.variables}
+    copied = 0
+    for variable in target.variables:
+        old = previous.get(variable.name)
+        if variable.name == "learning_rate" or old is None or tuple(old.shape) != tuple(variable.shape):
+            continue
+        variable.assign(old.value)
+        copied += 1
+    return copied

@@ -1,0 +1,63 @@
+"""`ModelSpec`: which model to build, without importing Keras (options are checked first)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODELS = ("resnet50", "hybrid")
+# Where `--cut` ends the backbone: the output layer of the last residual block of a stage.
+CUT_LAYERS = {
+    "conv3": "conv3_block4_out",
+    "conv4": "conv4_block6_out",
+    "conv5": "conv5_block3_out",
+}
+CUTS = tuple(CUT_LAYERS)
+# ResNet50's residual blocks per stage (conv1 is the stem, not a block).
+STAGE_BLOCKS = {"conv2": 3, "conv3": 4, "conv4": 6, "conv5": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The architecture options; `cut`, `head_blocks`, `head_filters` and `se` are the
+    hybrid's (see `model.hybrid.build_hybrid`)."""
+
+    name: str = "resnet50"
+    cut: str = "conv4"
+    head_blocks: int = 2
+    head_filters: int = 256
+    se: bool = True
+    dropout: float = 0.2
+    bn_momentum: float | None = None
+    bn_train: bool | None = None  # None: the model's default (see `build_model`)
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.name!r}")
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
+
+    @property
+    def backbone_blocks(self) -> int:
+        """How many residual blocks the backbone keeps (16 uncut, 13 cut at conv4)."""
+        last = self.cut if self.name == "hybrid" else "conv5"
+        return sum(n for stage, n in STAGE_BLOCKS.items() if stage <= last)
+
+
+def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
+    """Builds the model `spec` names with every layer trainable.
+
+    By default the plain classifier's backbone BatchNormalization uses batch statistics
+    while it trains; the hybrid's keeps the moving statistics (`bn_train` overrides).
+    """
+    if spec.name == "hybrid":
+        from model.hybrid import build_hybrid
+
+        return build_hybrid(
+            num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
+            spec.dropout, spec.bn_momentum, bool(spec.bn_train),
+        )
+    from model.classifier import build_classifier
+
+    return build_classifier(
+        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum, bn_train=spec.bn_train
+    )
