@@ -40,7 +40,7 @@ def run_ours(data_dir: str, image_size: int, batch_size: int, epochs: int, worke
     _, examples, _, _ = discover(data_dir)
     batches = MRIBatches(
         examples, image_size, batch_size, "caffe", AugmentConfig(), shuffle=True,
-        cache=DecodedCache(), workers=workers, max_queue_size=16,
+        cache=DecodedCache(), workers=workers,
     )
     return _timed_epochs(lambda e: (x for x, _ in iterate_epoch(batches, e)), epochs)
 

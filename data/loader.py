@@ -1,16 +1,22 @@
 """Batches for `model.fit`: a `keras.utils.PyDataset` over NumPy and Pillow.
 
 Why PyDataset rather than Grain: it is part of Keras itself and `fit` accepts
-it unchanged on torch, tensorflow and jax; its thread workers share one
-in-memory cache of decoded images (Pillow and NumPy release the GIL, so two
-threads decode in parallel); and it adds no dependency. Grain would add one,
-and `image_dataset_from_directory(format="grain")` resizes with the active
-backend's ops, so its bytes differ per backend.
+it unchanged on torch, tensorflow and jax; it adds no dependency. Grain would
+add one, and `image_dataset_from_directory(format="grain")` resizes with the
+active backend's ops, so its bytes differ per backend.
 
 Determinism: batch `i` of epoch `e` is a pure function of (examples, seed, e,
 i). The epoch order is a permutation seeded by (seed, epoch), each image's
 augmentation is seeded by (seed, epoch, example index), so the bytes do not
 depend on the backend, the number of workers or the order batches are built in.
+
+Which epoch `fit` is in comes from the `EpochSync` callback, not from counting
+`on_epoch_end` calls: `fit` peeks at batch 0 and calls `on_epoch_end` once
+before training, on every backend. And the worker threads are this module's
+own, not Keras' PyDataset workers: Keras' queue keeps the batches it prefetched
+for that peek and serves them first in epoch 1 on torch and jax (not on
+tensorflow), which shifted every later epoch by the queue length there
+(measured in keras 3.15.1; tests/test_loader.py checks what reaches the model).
 
 Memory: the decoded-image cache holds `n_images * size * size * 3` bytes,
 e.g. 5,708 images at 224 px = 859 MB, at 64 px = 70 MB (`--no-cache` turns it off).
@@ -98,9 +104,11 @@ class MRIBatches(keras.utils.PyDataset):
         augment: the training augmentation, or None for evaluation.
         shuffle: a new seeded order each epoch (training) or the file order.
         seed: the seed of the order and of the augmentation.
-        epoch: the epoch the next batches belong to; `fit` advances it.
+        epoch: the epoch `__getitem__` serves; set by `EpochSync` inside `fit`.
         cache: a shared decoded-image cache, or None to decode every time.
-        workers, max_queue_size: as for `keras.utils.PyDataset` (threads).
+        workers: threads that build the next batches ahead (0: build each batch
+            when asked, in the caller's thread).
+        prefetch: how many batches ahead the threads build (default: `workers`).
     """
 
     def __init__(
@@ -115,9 +123,9 @@ class MRIBatches(keras.utils.PyDataset):
         epoch: int = 0,
         cache: DecodedCache | None = None,
         workers: int = 2,
-        max_queue_size: int = 8,
+        prefetch: int | None = None,
     ) -> None:
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+        super().__init__()  # Keras' own workers off: see the module docstring.
         if not examples:
             raise ValueError("no examples to batch")
         self.examples = list(examples)
@@ -131,6 +139,9 @@ class MRIBatches(keras.utils.PyDataset):
         self.epoch = epoch
         self.cache = cache
         self.failed: list[tuple[str, str]] = []
+        self.prefetch = workers if prefetch is None else prefetch
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+        self._ahead: dict[tuple[int, int], concurrent.futures.Future] = {}
 
     def __len__(self) -> int:
         return -(-len(self.examples) // self.batch_size)
@@ -168,16 +179,38 @@ class MRIBatches(keras.utils.PyDataset):
         return normalize(images, self.preprocess), self.labels[ids]
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.batch(self.epoch, index)
+        """Batch `index` of `self.epoch`; the threads start on the next ones meanwhile."""
+        if self._pool is None:
+            return self.batch(self.epoch, index)
+        epoch = self.epoch
+        future = self._ahead.pop((epoch, index), None) or self._pool.submit(self.batch, epoch, index)
+        for ahead in range(index + 1, min(index + 1 + self.prefetch, len(self))):
+            if (epoch, ahead) not in self._ahead:
+                self._ahead[(epoch, ahead)] = self._pool.submit(self.batch, epoch, ahead)
+        for key in [k for k in self._ahead if k[0] != epoch]:  # built for another epoch
+            self._ahead.pop(key).cancel()
+        return future.result()
 
     def on_epoch_end(self) -> None:
-        # Keras stops this dataset's workers before calling this and restarts them
-        # after, so no batch of the next epoch is built with the old counter.
+        # Without `EpochSync` (a plain `fit` of this dataset) the order still changes
+        # every epoch; with it, this count is overwritten at each epoch's start.
         self.epoch += 1
 
 
+class EpochSync(keras.callbacks.Callback):
+    """Tells the training batches which epoch `fit` is starting (before any batch of it is
+    fetched), so epoch `e` of a run, resumed or in a later phase, is the pipeline's epoch `e`."""
+
+    def __init__(self, batches: MRIBatches) -> None:
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+
+
 def iterate_epoch(batches: MRIBatches, epoch: int, limit: int | None = None):
-    """Yields the batches of one epoch through Keras' own worker queue, as `fit` does."""
+    """Yields the batches of one epoch through Keras' PyDataset adapter, as `fit` does."""
     # The adapter is what `fit` wraps a PyDataset in; keras is pinned (see requirements/).
     from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 

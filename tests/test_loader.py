@@ -1,11 +1,13 @@
+import hashlib
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 from data.augment import AugmentConfig
 from data.discovery import Example, make_splits
-from data.loader import DecodedCache, MRIBatches, iterate_epoch, pipeline_hash, scan_examples
+from data.loader import DecodedCache, EpochSync, MRIBatches, iterate_epoch, pipeline_hash, scan_examples
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,35 @@ def test_iterate_epoch_yields_the_batches_in_order(train_examples):
         expected = data.batch(2, i)
         np.testing.assert_array_equal(images, expected[0])
         np.testing.assert_array_equal(labels, expected[1])
+
+
+class RecordBatches(keras.layers.Layer):
+    """Records a hash of every batch the model is called on while training."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    def call(self, inputs, training=None):
+        if training and not isinstance(inputs, keras.KerasTensor):
+            self.seen.append(hashlib.sha256(np.asarray(keras.ops.convert_to_numpy(inputs)).tobytes()).hexdigest())
+        return inputs
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_fit_trains_on_exactly_the_pipeline_batches_of_each_epoch(train_examples, workers):
+    """What reaches the model in `fit`, epoch by epoch and over two `fit` calls (the
+    hybrid's phases), is `batch(e, i)`: the same on every backend and worker count."""
+    data = batches(train_examples, workers=workers)
+    recorder = RecordBatches()
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(recorder(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+    model.fit(data, epochs=2, shuffle=False, verbose=0, callbacks=[EpochSync(data)])
+    model.fit(data, initial_epoch=2, epochs=3, shuffle=False, verbose=0, callbacks=[EpochSync(data)])
+    expected = [hashlib.sha256(data.batch(e, i)[0].tobytes()).hexdigest() for e in range(3) for i in range(len(data))]
+    assert recorder.seen == expected
 
 
 def test_on_epoch_end_advances_the_epoch(train_examples):
