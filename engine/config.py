@@ -63,7 +63,7 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
-                         self.bn_momentum, self.bn_train)
+                         self.bn_momentum)
 
     def check_schedule(self) -> None:
         """Raises ConfigError for schedule options that do not fit together or the model."""

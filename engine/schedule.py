@@ -25,6 +25,7 @@ class Phase:
     schedule: str = "constant"
     warmup_epochs: float = 0.0
     backbone_blocks: int | None = None  # top residual blocks that train; None: all, 0: frozen
+    train_batchnorm: bool = True  # the backbone's BatchNormalization in those blocks trains too
 
 
 def plan_phases(cfg) -> list[Phase]:
@@ -33,9 +34,12 @@ def plan_phases(cfg) -> list[Phase]:
     if cfg.head_epochs:
         phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0))
     blocks = 0 if cfg.freeze == "backbone" else cfg.unfreeze_blocks
+    # The hybrid keeps the backbone's BatchNormalization on the statistics its weights
+    # came with; the plain classifier trains it, as the original study did.
+    train_batchnorm = cfg.bn_train if cfg.bn_train is not None else cfg.model == "resnet50"
     phases.append(Phase(
         "finetune" if phases else "train", cfg.epochs, cfg.learning_rate, cfg.lr_schedule,
-        cfg.warmup_epochs, blocks,
+        cfg.warmup_epochs, blocks, train_batchnorm,
     ))
     return phases
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from data.discovery import DatasetError, Example, make_splits
-from data.loader import DecodedCache, MRIBatches, scan_examples
+from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
 from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard
 from engine.config import Preflight, TrainConfig, preflight
@@ -83,7 +83,7 @@ def fit_phases(
     history: dict[str, list[float]] = defaultdict(list)
     optimizer, epoch = None, 0
     for i, phase in enumerate(phases):
-        blocks = set_backbone_trainable(model, phase.backbone_blocks)
+        blocks = set_backbone_trainable(model, phase.backbone_blocks, phase.train_batchnorm)
         start_step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer else 0
         previous, optimizer = optimizer, keras.optimizers.Adam(
             phase_learning_rate(phase, len(train_batches), start_step)
@@ -199,7 +199,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     history = fit_phases(
         model, phases, train_batches, val_batches,
         # Order matters: the timer and the stability log add to the logs history.csv gets.
-        [EpochTimer(len(train)), guard, stability, checkpoints],
+        [EpochSync(train_batches), EpochTimer(len(train)), guard, stability, checkpoints],
         run_dir / "history.csv", cfg.verbose, log,
     )
     if guard.event:

@@ -36,14 +36,6 @@ def build_backbone(
     return keras.Model(resnet.input, resnet.get_layer(CUT_LAYERS[cut]).output, name=BACKBONE_NAME)
 
 
-def apply_backbone(backbone: keras.Model, inputs, bn_train: bool):
-    """Calls the backbone; without `bn_train` its BatchNormalization always uses the
-    moving statistics, the ones the pretrained weights were computed with."""
-    # training=False is fixed into the graph here (the keras-io fine-tuning recipe), so
-    # it holds in fit's training steps too, whether the backbone is frozen or not.
-    return backbone(inputs) if bn_train else backbone(inputs, training=False)
-
-
 def classification_head(x, num_classes: int, dropout: float):
     """Global average pooling, dropout and the logits layer."""
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -58,7 +50,6 @@ def build_classifier(
     freeze: str = "none",
     dropout: float = 0.2,
     bn_momentum: float | None = None,
-    bn_train: bool | None = None,
 ) -> keras.Model:
     """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss).
 
@@ -72,15 +63,13 @@ def build_classifier(
             BatchNormalization (Keras' ResNet50 uses 0.99; torchvision's
             equivalent is 0.9). A lower value lets the inference statistics
             catch up in short runs from random weights.
-        bn_train: whether the backbone's BatchNormalization uses batch statistics
-            while it trains; default: yes unless the backbone is frozen.
     """
     if freeze not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
     backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum)
-    frozen = freeze == "backbone"
-    backbone.trainable = not frozen
+    # A frozen BatchNormalization layer runs in inference mode (Keras 3).
+    backbone.trainable = freeze != "backbone"
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = apply_backbone(backbone, inputs, bn_train=not frozen if bn_train is None else bn_train)
+    x = backbone(inputs)
     logits = classification_head(x, num_classes, dropout)
     return keras.Model(inputs, logits, name="resnet50_classifier")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import keras
 
-from model.classifier import apply_backbone, build_backbone, classification_head
+from model.classifier import build_backbone, classification_head
 
 
 def squeeze_excite(x, name: str, output_name: str, ratio: int = 16):
@@ -40,7 +40,6 @@ def build_hybrid(
     se: bool = True,
     dropout: float = 0.2,
     bn_momentum: float | None = None,
-    bn_train: bool = False,
 ) -> keras.Model:
     """ResNet50 up to `cut` (`conv3`, `conv4` or `conv5`) and a custom CNN head; outputs logits.
 
@@ -49,13 +48,11 @@ def build_hybrid(
             block's output layer is `head_block<i>_out`).
         head_filters: channels of each head block.
         se: add squeeze-and-excitation to each head block.
-        bn_train: let the backbone's BatchNormalization use batch statistics
-            while it trains; by default it stays on the moving statistics.
         The other arguments are those of `build_classifier`.
     """
     backbone = build_backbone(image_size, weights, cut, bn_momentum)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = apply_backbone(backbone, inputs, bn_train)
+    x = backbone(inputs)
     for i in range(1, head_blocks + 1):
         x = conv_block(x, head_filters, f"head_block{i}", se)
     logits = classification_head(x, num_classes, dropout)

@@ -28,7 +28,6 @@ class ModelSpec:
     se: bool = True
     dropout: float = 0.2
     bn_momentum: float | None = None
-    bn_train: bool | None = None  # None: the model's default (see `build_model`)
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -44,20 +43,16 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
-    """Builds the model `spec` names with every layer trainable.
-
-    By default the plain classifier's backbone BatchNormalization uses batch statistics
-    while it trains; the hybrid's keeps the moving statistics (`bn_train` overrides).
-    """
+    """Builds the model `spec` names, with every layer trainable."""
     if spec.name == "hybrid":
         from model.hybrid import build_hybrid
 
         return build_hybrid(
             num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
-            spec.dropout, spec.bn_momentum, bool(spec.bn_train),
+            spec.dropout, spec.bn_momentum,
         )
     from model.classifier import build_classifier
 
     return build_classifier(
-        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum, bn_train=spec.bn_train
+        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum
     )

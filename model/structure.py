@@ -25,24 +25,29 @@ def residual_blocks(backbone: keras.Model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def set_backbone_trainable(model: keras.Model, top_blocks: int | None) -> list[str]:
+def set_backbone_trainable(model: keras.Model, top_blocks: int | None, train_batchnorm: bool = True) -> list[str]:
     """Freezes the backbone except its top `top_blocks` residual blocks (None: all of it
     trains, stem included; 0: none of it). The rest of the model trains.
 
-    A frozen BatchNormalization layer runs in inference mode (Keras 3). Returns the
-    residual blocks that train. Recompile the model after calling this.
+    Without `train_batchnorm` the backbone's BatchNormalization layers stay frozen even
+    in the blocks that train: they normalise with the moving statistics and keep their
+    scale and offset (torchvision's FrozenBatchNorm2d). Returns the residual blocks that
+    train. Recompile the model after calling this.
     """
+    if top_blocks is not None and top_blocks < 0:
+        raise ValueError(f"top_blocks must be >= 0, got {top_blocks}")
     model.trainable = True
     backbone = backbone_of(model)
     blocks = residual_blocks(backbone)
-    if top_blocks is None:
-        return blocks
-    if top_blocks < 0:
-        raise ValueError(f"top_blocks must be >= 0, got {top_blocks}")
-    training = set(blocks[len(blocks) - top_blocks:]) if top_blocks else set()
+    training = set(blocks if top_blocks is None else blocks[len(blocks) - top_blocks:] if top_blocks else [])
     for layer in backbone.layers:
         match = _BLOCK.match(layer.name)
-        layer.trainable = bool(match and match.group(1) in training)
+        in_training_block = top_blocks is None or bool(match and match.group(1) in training)
+        # Keras 3 runs a BatchNormalization layer in inference mode exactly when it is not
+        # trainable: `fit` overrides a `training=False` given when the backbone was called
+        # (keras-team/keras#20285), so this flag is the one switch that holds.
+        is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = in_training_block and (train_batchnorm or not is_batchnorm)
     return [b for b in blocks if b in training]
 
 
