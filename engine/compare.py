@@ -30,7 +30,9 @@ from engine.rundir import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights")
-SUMMARY_ROWS = [*RESULT_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
+STABILITY_ROWS = ["Grad norm ratio (min/max)", "Lowest grad norm ratio"]
+SUMMARY_ROWS = [*RESULT_ROWS, *STABILITY_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
+_ONE_DECIMAL = ("Peak memory (MiB)", "Seconds per epoch", "Training img/s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +97,16 @@ def read_history(run_dir: Path) -> dict[str, list[float]]:
 
 
 def summary_row(metrics: dict) -> dict[str, float | None]:
-    """The study's results-table values of one run, plus speed and memory."""
+    """The study's results-table values of one run, plus stability, speed and memory.
+
+    The gradient norm ratio is the smallest over the largest layer-group gradient norm
+    on the stability log's probe batch: at the last epoch, and the lowest of any epoch.
+    """
+    stability = metrics.get("stability") or {}
     return {
         **results_row(metrics),
+        "Grad norm ratio (min/max)": stability.get("grad_ratio_last"),
+        "Lowest grad norm ratio": stability.get("grad_ratio_min"),
         "Seconds per epoch": metrics["seconds_per_epoch"],
         "Training img/s": metrics["train_images_per_second"],
         "Peak memory (MiB)": metrics["peak_memory_mb"],
@@ -119,16 +128,18 @@ def cell_table(results: list[dict], backends: tuple[str, ...]) -> tuple[str, dic
         stats = {name: _mean_std([row[name] for row in rows]) for name in SUMMARY_ROWS}
         data[backend] = stats
         columns[backend] = {
-            name: _format_mean_std(*stats[name], digits=1 if name in ("Peak memory (MiB)", "Seconds per epoch", "Training img/s") else 4)
+            name: _format_mean_std(*stats[name], digits=1 if name in _ONE_DECIMAL else "e" if name in STABILITY_ROWS else 4)
             for name in SUMMARY_ROWS
         }
     return format_table(columns, SUMMARY_ROWS), data
 
 
-def _format_mean_std(mean: float | None, std: float | None, digits: int) -> str:
+def _format_mean_std(mean: float | None, std: float | None, digits: int | str) -> str:
+    """`digits` decimals, or "e": two significant digits in scientific notation."""
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    spec = ".1e" if digits == "e" else f".{digits}f"
+    return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
 
 
 def epoch_divergence(results: list[dict]) -> list[dict]:

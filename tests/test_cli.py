@@ -127,8 +127,8 @@ def test_one_epoch_train_writes_every_run_file(demo_dir, tmp_path):
 
     names = {p.name for p in run_dir.iterdir()}
     assert names == {
-        "config.json", "history.csv", "initial.weights.h5", "model.keras",
-        "best.weights.h5", "metrics.json", "skipped.txt",
+        "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
+        "last.weights.h5", "metrics.json", "skipped.txt", "stability.csv", "stability.png",
     }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["environment"]["backend"] == active_backend()

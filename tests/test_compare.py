@@ -27,7 +27,8 @@ from tests.conftest import ROOT, active_backend, cli_env
 def fake_result(backend: str, preprocess: str, seed: int, test_accuracy: float, val_acc: list[float]) -> dict:
     row = dict.fromkeys(
         ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test macro-F1",
-         "Seconds per epoch", "Training img/s", "Peak memory (MiB)"], 1.0)
+         "Seconds per epoch", "Training img/s", "Peak memory (MiB)", "Lowest grad norm ratio"], 1.0)
+    row["Grad norm ratio (min/max)"] = 0.00123 if backend == "torch" else None
     row["Test Accuracy"] = test_accuracy
     return {
         "backend": backend, "cell": f"preprocess={preprocess}", "levels": (("preprocess", preprocess),),
@@ -89,6 +90,7 @@ def test_summary_markdown_holds_a_table_per_cell_and_the_effects():
     text, summary = summarise(results, ("torch", "jax"), {"preprocess": ["caffe", "imagenet"]}, "cli.py compare")
     assert text.count("| Metric | torch | jax |") == 2
     assert "| Test Accuracy | 0.9000 | 0.8000 |" in text
+    assert "| Grad norm ratio (min/max) | 1.2e-03 | - |" in text
     assert "| preprocess | caffe: 0.8500, imagenet: 0.6500 | 0.2000 |" in text
     assert summary["target"] == "Test Accuracy"
 
@@ -115,25 +117,30 @@ def final_weights(run_dir) -> dict[str, np.ndarray]:
 def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_path):
     out = tmp_path / "compare"
     args = ["compare", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-            "--weights", "none", "--preprocess", "caffe,imagenet", "--backends", "torch,tensorflow",
+            "--weights", "none", "--model", "resnet50,hybrid", "--head-filters", "16", "--backends", "torch,tensorflow",
             "--out", str(out), "--verbose", "0"]
     result = cli(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "compare.json").read_text())
     assert len(report["runs"]) == 4 and not report["failures"]
-    assert {r["cell"] for r in report["runs"]} == {"preprocess=caffe", "preprocess=imagenet"}
+    assert {r["cell"] for r in report["runs"]} == {"model=resnet50", "model=hybrid"}
     effects = {e["factor"]: e for e in report["summary"]["main_effects"]}
-    assert set(effects) == {"backend", "preprocess"}
+    assert set(effects) == {"backend", "model"}
     md = (out / "compare.md").read_text()
     assert md.count("| Metric | torch | tensorflow |") == 2 and "Peak memory (MiB)" in md
+    assert "Grad norm ratio (min/max)" in md
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Every backend started from the same weights file, loaded bit for bit.
-    starts = [h5_arrays(ROOT / r["run_dir"] / "initial.weights.h5") for r in report["runs"] if r["seed"] == 0]
-    for other in starts[1:]:
-        assert all(np.array_equal(starts[0][k], other[k]) for k in starts[0])
-    configs = [json.loads((ROOT / r["run_dir"] / "config.json").read_text()) for r in report["runs"]]
-    assert len({c["options"]["init_weights"] for c in configs}) == 1
-    assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
+    # Every backend started from its model's one weights file, loaded bit for bit.
+    for model in ("resnet50", "hybrid"):
+        runs = [r for r in report["runs"] if r["cell"] == f"model={model}"]
+        starts = [h5_arrays(ROOT / r["run_dir"] / "initial.weights.h5") for r in runs]
+        assert len(starts) == 2 and starts[0].keys() == starts[1].keys()
+        assert all(np.array_equal(starts[0][k], starts[1][k]) for k in starts[0])
+        configs = [json.loads((ROOT / r["run_dir"] / "config.json").read_text()) for r in runs]
+        assert {c["options"]["model"] for c in configs} == {model}
+        assert len({c["options"]["init_weights"] for c in configs}) == 1
+        assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
+    assert any("head_block1_conv" in k for k in starts[0])  # the hybrid's file holds the head
 
     again = cli(*args)  # Interrupted or finished: a rerun reuses the finished runs.
     assert again.returncode == 0

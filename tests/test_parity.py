@@ -136,6 +136,19 @@ def test_parity_passes_on_every_backend(tmp_path):
     assert (tmp_path / "parity" / "parity.weights.h5").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "jax", reason="spawns every backend; runs once, in the jax pass")
+def test_hybrid_model_passes_parity_on_every_backend(tmp_path):
+    result, report = run_parity(tmp_path, "--model", "hybrid", "--backends", "torch,tensorflow,jax")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert report["passed"] and len(report["pairs"]) == 3
+    for rows in report["pairs"].values():
+        assert 0 < rows_by_quantity(rows)["inference logits"]["max_rel"] < 1e-5
+    losses = list(report["losses"].values())
+    assert max(losses) - min(losses) < 1e-5 * max(losses)
+    assert report["config"]["model"] == "hybrid"
+
+
 PLANTED = [
     pytest.param("tensorflow", "tensorflow,jax", "jax:weight",
                  {"inference logits", "training logits", "loss", "weights after SGD step"}, id="one-weight"),
