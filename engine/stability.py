@@ -133,7 +133,8 @@ def plot_stability(rows: list[dict], path: Path) -> None:
     panels = [("grad_norm/", "gradient norm per layer group (probe batch)"),
               ("act_std/", "activation std (solid) and |mean| (dashed)")]
     for ax, (prefix, title) in zip(axes, panels, strict=False):
-        keys = [k for k in rows[0] if k.startswith(prefix)]
+        # Groups that never trained (frozen all run) have no line to draw.
+        keys = [k for k in rows[0] if k.startswith(prefix) and any(r.get(k) is not None for r in rows)]
         for i, key in enumerate(keys):
             name = key[len(prefix):]
             values = [_plottable(r.get(key)) for r in rows]
@@ -146,7 +147,7 @@ def plot_stability(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7, ncol=2)
     axes[2].plot(epochs, [r["learning_rate"] for r in rows], marker="o", markersize=3)
     axes[2].set_yscale("log")
-    axes[2].set_title("learning rate at epoch end", fontsize=10)
+    axes[2].set_title("learning rate at epoch end (0 not drawn)", fontsize=10)
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
