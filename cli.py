@@ -92,7 +92,7 @@ def _apply(fn, options: list, overrides: dict | None = None):
     """Decorates `fn` with `options`; `overrides` maps a parameter name to changed attributes
     (`decls` renames the flag)."""
     for decls, attrs in reversed(options):
-        name = decls[-1] if not decls[-1].startswith("-") else decls[0].lstrip("-").replace("-", "_").split("/")[0]
+        name = click.Option(decls).name  # "--se/--no-se" -> "se", ("--lr", "learning_rate") -> "learning_rate"
         changed = dict(attrs, **(overrides or {}).get(name, {}))
         fn = click.option(*changed.pop("decls", decls), **changed)(fn)
     return fn
