@@ -59,6 +59,7 @@ class StabilityMonitor(keras.callbacks.Callback):
         self.phase = ""
         self.rows: list[dict] = []
         self._probe: keras.Model | None = None
+        self._points: list[str] = []
         self._groups: list[str] = []
 
     def _setup(self) -> None:
