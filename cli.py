@@ -389,6 +389,7 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
 
     from data.discovery import make_splits
     from engine.compare import FACTORS, CompareError, run_compare
+    from engine.config import TrainConfig
     from engine.rundir import prepare_run_dir
     from model.weights import check_weights_file, resolve_backbone_weights
 
@@ -398,9 +399,11 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
     if options["init_weights"]:
         check_weights_file(Path(options["init_weights"]), "--init-weights file")
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
-    out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
     fixed = {k: v for k, v in options.items() if k not in FACTORS and k != "seed"}
     fixed.update({f: levels[0] for f, levels in factors.items()})
+    for model in factors["model"]:  # e.g. --unfreeze-blocks that one model's backbone lacks
+        TrainConfig(**dict(fixed, model=model)).check_schedule()
+    out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
     grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
     try:
         report = run_compare(

@@ -154,6 +154,10 @@ def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,vgg", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "'vgg' is not one of" in result.stderr
     assert set(FACTORS) == {"model", "preprocess", "augment", "weights"}
+    result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,hybrid", "--unfreeze-blocks", "14",
+                 "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "the hybrid backbone cut at conv4 has 13 residual blocks" in result.stderr
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.skipif(weights_module._can_reach("storage.googleapis.com", 3), reason="needs a machine without network access")
