@@ -154,7 +154,7 @@ def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,vgg", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "'vgg' is not one of" in result.stderr
     assert set(FACTORS) == {"model", "preprocess", "augment", "weights"}
-    result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,hybrid", "--unfreeze-blocks", "14",
+    result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,hybrid", "--unfreeze-blocks", "14", "--weights", "none",
                  "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "the hybrid backbone cut at conv4 has 13 residual blocks" in result.stderr
     assert not (tmp_path / "c").exists()
