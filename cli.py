@@ -12,6 +12,8 @@ import os
 
 import click
 
+from model.spec import CUTS, MODELS  # Keras-free, like everything imported here
+
 # Quieter start-up for tensorflow; set before any backend import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -99,8 +101,8 @@ def _apply(fn, options: list, overrides: dict | None = None):
 
 
 ARCHITECTURE_OPTIONS = [
-    _option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50", "hybrid"]), help="resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN head."),
-    _option("--cut", default="conv4", show_default=True, type=click.Choice(["conv3", "conv4", "conv5"]), help="Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out)."),
+    _option("--model", default="resnet50", show_default=True, type=click.Choice(MODELS), help="resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN head."),
+    _option("--cut", default="conv4", show_default=True, type=click.Choice(CUTS), help="Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out)."),
     _option("--head-blocks", default=2, show_default=True, type=click.IntRange(0), help="Hybrid: Conv-BatchNorm-ReLU blocks after the cut."),
     _option("--head-filters", default=256, show_default=True, type=click.IntRange(1), help="Hybrid: channels of each head block."),
     _option("--se/--no-se", default=True, show_default=True, help="Hybrid: squeeze-and-excitation in each head block."),
@@ -313,7 +315,7 @@ class BackendList(click.ParamType):
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the batch comes from (default: generated phantoms).")
 @click.option("--image-size", default=64, show_default=True, type=click.IntRange(32))
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(2))
-@click.option("--model", default="resnet50", show_default=True, type=click.Choice(["resnet50", "hybrid"]), help="hybrid: with the default --cut, --head-blocks, --head-filters and --se of `hybrid`.")
+@click.option("--model", default="resnet50", show_default=True, type=click.Choice(MODELS), help="hybrid: with the default --cut, --head-blocks, --head-filters and --se of `hybrid`.")
 @click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]), help="Keras dtype policy; each has its own tolerances.")
 @click.option("--preprocess", default="caffe", show_default=True, type=click.Choice(["caffe", "imagenet"]))
 @click.option("--lr", "learning_rate", default=0.01, show_default=True, type=float, help="Learning rate of the one SGD step.")
