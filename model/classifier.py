@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import keras
 
-from model.spec import CUT_LAYERS
+from model.spec import BACKBONE_NAME, CUT_LAYERS
+from model.structure import set_backbone_trainable
 from model.weights import WeightsError, resolve_backbone_weights
 
 FREEZE_MODES = ("none", "backbone")
-BACKBONE_NAME = "resnet50"
 
 
 def build_backbone(
@@ -67,9 +67,9 @@ def build_classifier(
     if freeze not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
     backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum)
-    # A frozen BatchNormalization layer runs in inference mode (Keras 3).
-    backbone.trainable = freeze != "backbone"
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = backbone(inputs)
-    logits = classification_head(x, num_classes, dropout)
-    return keras.Model(inputs, logits, name="resnet50_classifier")
+    logits = classification_head(backbone(inputs), num_classes, dropout)
+    model = keras.Model(inputs, logits, name="resnet50_classifier")
+    if freeze == "backbone":
+        set_backbone_trainable(model, 0)  # the schedule's own switch (BatchNorm to inference mode)
+    return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 MODELS = ("resnet50", "hybrid")
+BACKBONE_NAME = "resnet50"  # the backbone's layer name inside either model
 # Where `--cut` ends the backbone: the output layer of the last residual block of a stage.
 CUT_LAYERS = {
     "conv3": "conv3_block4_out",

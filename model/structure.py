@@ -7,7 +7,7 @@ import re
 
 import keras
 
-from model.classifier import BACKBONE_NAME
+from model.spec import BACKBONE_NAME
 
 _BLOCK = re.compile(r"^(conv\d_block\d+)_")
 _STAGE = re.compile(r"^(conv\d)_")
