@@ -38,12 +38,13 @@ def _user_errors(fn):
             check_backend()
             from data.discovery import DatasetError
             from engine.config import ConfigError
+            from engine.inference import RunError
             from engine.rundir import OutputDirError
             from model.weights import WeightsError
 
             try:
                 return fn(*args, **kwargs)
-            except (DatasetError, WeightsError, OutputDirError, ConfigError) as e:
+            except (DatasetError, WeightsError, OutputDirError, ConfigError, RunError) as e:
                 raise UserError(str(e)) from None
         except BackendError as e:
             raise UserError(str(e)) from None
@@ -416,6 +417,100 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
     click.echo("\n" + report["markdown"])
     click.echo(f"\nWrote {out_dir}/compare.md, compare.json, curves.png")
     if report["failures"]:
+        raise SystemExit(1)
+
+
+RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False))
+CHECKPOINT = click.option("--checkpoint", default="final", show_default=True, type=click.Choice(["final", "best", "last"]), help="final: model.keras as saved; best/last: with best.weights.h5 or last.weights.h5.")
+
+
+@cli.command()
+@RUN_DIR
+@click.option("--data-dir", default=None, type=click.Path(), help="Dataset folder (default: the run's own).")
+@click.option("--split", default="test", show_default=True, help="test, val or train: the run's own split, rebuilt from its options; or a split folder of --data-dir, e.g. Testing.")
+@CHECKPOINT
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@_user_errors
+def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, batch_size: int, workers: int) -> None:
+    """Score a trained run on a labelled split under the active backend; writes eval-<split>-<backend>.json."""
+    from engine.evaluate import evaluate_run
+    from engine.inference import load_run, split_examples
+
+    run = load_run(run_dir, checkpoint)
+    examples, source = split_examples(run, data_dir, split)
+    evaluate_run(run, examples, split, source, batch_size, workers, log=click.echo)
+
+
+@cli.command()
+@RUN_DIR
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows to this CSV file.")
+@click.option("--threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1), help="Flag low_confidence when the top probability is below this (a classifier answers even for a non-MRI image).")
+@CHECKPOINT
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@_user_errors
+def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
+    """Predict the class of images (files or folders). Exit 1 when some could not be read."""
+    from engine.inference import load_run, predict_files, write_predictions_csv
+
+    run = load_run(run_dir, checkpoint)
+    rows = predict_files(run, list(paths), threshold, batch_size)
+    if not rows:
+        raise UserError(f"no files found under {', '.join(paths)}")
+    click.echo(format_predictions(rows, run.classes))
+    if csv_path:
+        write_predictions_csv(rows, run.classes, csv_path)
+        click.echo(f"\nWrote {csv_path}")
+    failed = [r for r in rows if r.error]
+    for row in failed:
+        click.echo(f"error: {row.path}: {row.error}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(rows)} files could not be read", err=True)
+        raise SystemExit(1)
+
+
+def format_predictions(rows: list, classes: list[str]) -> str:
+    lines = ["| File | Predicted | " + " | ".join(classes) + " | Low confidence |",
+             "|---" * (len(classes) + 3) + "|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.path} | unreadable | " + " | ".join("" for _ in classes) + " | |")
+        else:
+            probs = " | ".join(f"{p:.4f}" for p in r.probabilities)
+            lines.append(f"| {r.path} | {r.predicted} | {probs} | {'yes' if r.low_confidence else ''} |")
+    return "\n".join(lines)
+
+
+@cli.command()
+@RUN_DIR
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlays, gradcam.csv and heatmaps.npz.")
+@click.option("--class", "class_name", default=None, help="Explain this class (default: each image's predicted class).")
+@CHECKPOINT
+@_user_errors
+def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | None, checkpoint: str) -> None:
+    """Grad-CAM heatmaps on the last convolutional stage, saved as overlay PNGs."""
+    from pathlib import Path
+
+    from data.discovery import files_under
+    from engine.gradcam import cam_layer, explain_files
+    from engine.inference import load_run
+    from engine.rundir import prepare_run_dir
+
+    run = load_run(run_dir, checkpoint)
+    if class_name is not None and class_name not in run.classes:
+        raise UserError(f"--class {class_name!r}: the model's classes are {', '.join(run.classes)}")
+    files = [str(f) for p in paths for f in files_under(p)]
+    out_dir = prepare_run_dir(out, "gradcam")
+    rows = explain_files(run, files, Path(out_dir), class_name)
+    layer, tensor = cam_layer(run.model)
+    click.echo(f"Grad-CAM on {layer} ({tensor.shape[1]}x{tensor.shape[2]} maps), {len(rows)} files:")
+    for r in rows:
+        click.echo(f"  {r['path']}: " + (f"error: {r['error']}" if r["error"] else
+                                         f"{r['explained_class']} {r['probability']:.3f} -> {r['overlay']}"))
+    click.echo(f"Wrote {out_dir}/ (overlays, gradcam.csv, heatmaps.npz)")
+    if any(r["error"] for r in rows):
         raise SystemExit(1)
 
 

@@ -76,6 +76,15 @@ def _walk_files(folder: Path) -> list[Path]:
     )
 
 
+def files_under(path: str | Path) -> list[Path]:
+    """The files a user means by `path`: the file itself, or every file below a folder
+    (sorted; hidden files, `__MACOSX` and symlinked folders left out)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return [p for p in _walk_files(path) if not _is_hidden(p, path)]
+
+
 def list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
     """Lists the image files of each class folder of one split.
 

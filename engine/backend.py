@@ -179,6 +179,71 @@ def loss_and_gradients(model, images, labels, loss_fn) -> tuple:
     raise BackendError(f"no gradient code for backend {backend!r}")
 
 
+def outputs_and_input_gradients(model, inputs, weights) -> tuple:
+    """An inference-mode forward pass and the gradient of `sum(outputs * weights)` with
+    respect to the inputs, with the active backend's own autodiff.
+
+    `weights` has the outputs' shape (e.g. a one-hot row per image selects the score whose
+    gradient is wanted); the images of a batch are independent in inference mode, so each
+    row of the gradient belongs to its own image. Returns NumPy `(outputs, gradients)`.
+    """
+    import keras
+    import numpy as np
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(inputs)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = model(x, training=False)
+            score = tf.reduce_sum(outputs * tf.convert_to_tensor(weights, outputs.dtype))
+        return np.asarray(outputs), np.asarray(tape.gradient(score, x))
+    if backend == "torch":
+        import torch
+
+        x = keras.ops.convert_to_tensor(inputs).detach().requires_grad_(True)  # on keras' device
+        with torch.enable_grad():
+            outputs = model(x, training=False)
+            score = (outputs * keras.ops.convert_to_tensor(weights, outputs.dtype)).sum()
+            (gradients,) = torch.autograd.grad(score, x)
+        return outputs.detach().cpu().numpy(), gradients.cpu().numpy()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def score(x):
+            outputs, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+            return (outputs * weights).sum(), outputs
+
+        (_, outputs), gradients = jax.value_and_grad(score, has_aux=True)(jax.numpy.asarray(inputs))
+        return np.asarray(outputs), np.asarray(gradients)
+    raise BackendError(f"no gradient code for backend {backend!r}")
+
+
+# What Keras' `model.export` needs beyond the CPU lock, per (format, backend); None: nothing.
+_EXPORT_NEEDS = {
+    ("onnx", "tensorflow"): "tf2onnx",
+    ("onnx", "torch"): "onnxscript",
+    ("onnx", "jax"): "jax2onnx",
+    ("savedmodel", "tensorflow"): None,
+    ("savedmodel", "jax"): "tensorflow",
+    ("savedmodel", "torch"): "torch_xla",
+}
+
+
+def missing_export_module(format: str) -> str | None:
+    """The module Keras would need to export `format` under the active backend and that
+    is not installed, or None when the export can run."""
+    import keras
+
+    module = _EXPORT_NEEDS[(format, keras.backend.backend())]
+    return module if module and importlib.util.find_spec(module) is None else None
+
+
 def deterministic_environment() -> dict[str, str]:
     """Environment variables deterministic mode needs, set before the backend is imported."""
     flags = os.environ.get("XLA_FLAGS", "")

@@ -27,9 +27,27 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return matrix
 
 
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve: the probability that a positive scores above a negative
+    (ties count half). None when either group is empty."""
+    scores, positive = np.asarray(scores, np.float64), np.asarray(positive, bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # tied scores share their mean rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    """Loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix."""
+    """Loss, accuracy, per-class precision/recall/F1 and one-vs-rest ROC-AUC, their macro
+    averages and the confusion matrix."""
     labels = np.asarray(labels)
+    probabilities = softmax(logits)
+    auc = [roc_auc(probabilities[:, i], labels == i) for i in range(len(classes))]
+    defined_auc = [a for a in auc if a is not None]
     predictions = logits.argmax(axis=1)
     matrix = confusion_matrix(labels, predictions, len(classes))
     true_pos = np.diag(matrix).astype(np.float64)
@@ -44,11 +62,13 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
         "loss": cross_entropy(logits, labels),
         "accuracy": float((predictions == labels).mean()),
         "macro_f1": float(f1.mean()),
+        "macro_roc_auc": float(np.mean(defined_auc)) if defined_auc else None,
         "per_class": {
             name: {
                 "precision": float(precision[i]),
                 "recall": float(recall[i]),
                 "f1": float(f1[i]),
+                "roc_auc": auc[i],
                 "support": int(actual[i]),
             }
             for i, name in enumerate(classes)

@@ -50,3 +50,20 @@ def make_layout(root: Path, splits: dict[str, dict[str, int]], size: int = 40) -
 def cli_env(backend: str) -> dict[str, str]:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_dir, tmp_path_factory) -> Path:
+    """A small finished run on the demo data under the active backend: the hybrid cut at
+    conv3 with one head block, 64 px (8x8 Grad-CAM maps), two epochs."""
+    from engine.config import TrainConfig
+    from engine.train import run_training
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = TrainConfig(
+        data_dir=str(demo_dir), out=str(run_dir), image_size=64, batch_size=8, epochs=2, learning_rate=1e-3,
+        weights="none", model="hybrid", cut="conv3", head_blocks=1, head_filters=32, augment="none",
+        verbose=0,
+    )
+    run_training(cfg, log=lambda _: None)
+    return run_dir

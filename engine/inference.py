@@ -1,0 +1,184 @@
+"""A finished run, loaded for use on whichever backend is active: its model, classes
+and input settings, and predictions for image files."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from data.augment import normalize
+from data.decode import DecodeError, decode_and_resize
+from data.discovery import DatasetError, Example, files_under, list_split, make_splits
+from engine.metrics import softmax
+
+CHECKPOINTS = ("final", "best", "last")
+SPLITS = ("test", "val", "train")
+
+
+class RunError(ValueError):
+    """A run directory or model file that cannot be used."""
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A run directory's model and what is needed to feed it."""
+
+    run_dir: Path
+    model: keras.Model
+    checkpoint: str
+    classes: list[str]
+    image_size: int
+    preprocess: str
+    options: dict
+
+    def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Inference-mode logits of uint8 NHWC images of side `image_size`."""
+        chunks = [
+            self.model.predict_on_batch(normalize(images[i : i + batch_size], self.preprocess))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate([np.asarray(keras.ops.convert_to_numpy(c), np.float32) for c in chunks])
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        return softmax(self.logits(images, batch_size))
+
+
+def load_model_file(path: str | Path) -> keras.Model:
+    """Loads a `.keras` file with Keras' safe_mode on (no Python code from the file runs)."""
+    import engine.schedule  # noqa: F401  (registers the learning-rate schedule the file names)
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path} does not exist")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # Keras raises many types here; the user needs the reason, not the stack.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "safe_mode" in str(e):
+            raise RunError(f"{path} was refused by Keras safe_mode (it would run Python code from the file, "
+                           f"e.g. a Lambda layer): {reason}") from None
+        raise RunError(f"{path} is not a loadable Keras model ({type(e).__name__}: {reason})") from None
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
+    """Loads a run directory's `model.keras` (`final`), or that model with the weights of
+    `best.weights.h5` or `last.weights.h5`."""
+    run_dir = Path(run_dir)
+    config_path, model_path = run_dir / "config.json", run_dir / "model.keras"
+    if not config_path.is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.json)")
+    if not model_path.is_file():
+        kept = [p.name for p in (run_dir / "best.weights.h5", run_dir / "last.weights.h5") if p.exists()]
+        raise RunError(f"{run_dir} has no model.keras: the run did not finish (interrupted or diverged)"
+                       + (f"; it kept {', '.join(kept)}" if kept else ""))
+    config = json.loads(config_path.read_text())
+    model = load_model_file(model_path)
+    if checkpoint != "final":
+        weights = run_dir / f"{checkpoint}.weights.h5"
+        if not weights.is_file():
+            raise RunError(f"{weights} does not exist")
+        with warnings.catch_warnings():
+            # The checkpoint also holds its optimizer; only the model's weights are wanted.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(weights)
+    options = config["options"]
+    return TrainedRun(run_dir, model, checkpoint, list(config["classes"]), int(options["image_size"]),
+                      options["preprocess"], options)
+
+
+def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> tuple[list[Example], str]:
+    """The labelled images to evaluate on: one of the run's own splits (`test`, `val`,
+    `train`, rebuilt with the run's split options and seed) or every image of a split
+    folder of `data_dir` (e.g. `Testing`). Returns `(examples, description)`."""
+    data_dir = Path(data_dir or run.options["data_dir"])
+    if split in SPLITS:
+        opts = run.options
+        splits = make_splits(data_dir, opts["val_split"], opts["test_split"], opts["split_seed"])
+        _check_classes(run, splits.classes, data_dir)
+        examples = getattr(splits, split)
+        if not examples:
+            raise DatasetError(f"the run's {split} split of {data_dir} is empty; name a folder instead "
+                               f"(e.g. --split Testing)")
+        source = splits.test_source if split == "test" else f"the run's {split} split"
+        return examples, f"{data_dir}: {source}"
+    folder = data_dir / split
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder (--split takes {', '.join(SPLITS)} or a split folder "
+                           f"of {data_dir}, e.g. Testing)")
+    files, _ = list_split(folder)
+    _check_classes(run, sorted(files), folder)
+    return [Example(p, run.classes.index(c)) for c in run.classes for p in files[c]], f"{folder}/"
+
+
+def _check_classes(run: TrainedRun, classes: list[str], where: Path) -> None:
+    if classes != run.classes:
+        raise DatasetError(f"the classes of {where} {classes} are not the model's {run.classes}")
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One file's prediction, or why it could not be read."""
+
+    path: str
+    predicted: str | None = None
+    probabilities: list[float] | None = None
+    low_confidence: bool = False
+    error: str | None = None
+
+    @property
+    def confidence(self) -> float | None:
+        return max(self.probabilities) if self.probabilities else None
+
+
+def read_images(paths: list[str], size: int, workers: int = 2) -> tuple[np.ndarray, list[str | None]]:
+    """Decodes files at `size` px; returns the images of the readable ones and, per path,
+    None or the reason it could not be read."""
+    def read(path: str):
+        try:
+            return decode_and_resize(path, size), None
+        except DecodeError as e:
+            return None, str(e)
+        except OSError as e:  # a folder, a missing file, no permission
+            return None, e.strerror or str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(pool.map(read, paths))
+    images = [image for image, _ in results if image is not None]
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, [error for _, error in results]
+
+
+def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = 0.6,
+                  batch_size: int = 32, workers: int = 2) -> list[Prediction]:
+    """Predicts every file under `paths` (files or folders); unreadable files get an error
+    and do not stop the others. A top probability below `threshold` is flagged."""
+    files = [str(f) for p in paths for f in files_under(p)]
+    images, errors = read_images(files, run.image_size, workers)
+    probabilities = run.probabilities(images, batch_size) if len(images) else np.zeros((0, len(run.classes)))
+    rows, readable = [], iter(probabilities)
+    for path, error in zip(files, errors, strict=True):
+        if error is not None:
+            rows.append(Prediction(path, error=error))
+            continue
+        p = next(readable)
+        rows.append(Prediction(path, run.classes[int(p.argmax())], [float(v) for v in p], bool(p.max() < threshold)))
+    return rows
+
+
+def write_predictions_csv(rows: list[Prediction], classes: list[str], path: str | Path) -> None:
+    """One row per file: predicted class, confidence, each class' probability, the flag and any error."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "predicted", "confidence", *(f"p_{c}" for c in classes), "low_confidence", "error"])
+        for r in rows:
+            probs = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * len(classes)
+            confidence = "" if r.confidence is None else f"{r.confidence:.6f}"
+            writer.writerow([r.path, r.predicted or "", confidence, *probs, int(r.low_confidence), r.error or ""])
