@@ -514,6 +514,48 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
         raise SystemExit(1)
 
 
+@cli.command()
+@RUN_DIR
+@click.option("--format", "format_", required=True, type=click.Choice(["onnx", "savedmodel"]), help="onnx (torch or tensorflow backend; jax with jax2onnx) or savedmodel (tensorflow or jax backend).")
+@click.option("--out", default=None, type=click.Path(), help="Where to write (default RUN_DIR/export/model.onnx or RUN_DIR/export/saved_model).")
+@click.option("--check-images", default=8, show_default=True, type=click.IntRange(1), help="Run the export on this many test images and compare with Keras.")
+@CHECKPOINT
+@_user_errors
+def export(run_dir: str, format_: str, out: str | None, check_images: int, checkpoint: str) -> None:
+    """Export the model (softmax probabilities out) and check it against Keras.
+
+    Exit 2 when the active backend cannot produce the format, 1 when the export fails or disagrees.
+    """
+    from pathlib import Path
+
+    from engine.export import ExportError, ExportUnsupportedError, check_supported, export_run, record_path
+    from engine.inference import load_run
+
+    try:
+        check_supported(format_)  # before loading anything
+        record = export_run(load_run(run_dir, checkpoint), format_, Path(out) if out else None, check_images,
+                            log=click.echo)
+    except ExportUnsupportedError as e:
+        raise UserError(str(e)) from None
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"Wrote {record['path']} and {record_path(Path(record['path']))}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--gradcam-samples", default=6, show_default=True, type=click.IntRange(0), help="Grad-CAM overlays of test images per run (misclassified first; 0: none).")
+@click.option("--data-dir", default=None, type=click.Path(), help="Where the test images are (default: the run's own data folder).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write (default PATH/report.html).")
+@_user_errors
+def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | None) -> None:
+    """One self-contained HTML report for a run directory or a compare directory."""
+    from engine.report import build_report
+
+    target = build_report(path, gradcam_samples, data_dir, out, log=click.echo)
+    click.echo(f"Wrote {target}")
+
+
 @cli.command("_parity-worker", hidden=True)
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @click.argument("weights", type=click.Path(dir_okay=False))

@@ -1,0 +1,396 @@
+"""`report`: one self-contained HTML page for a run or a compare directory.
+
+Everything is inlined (plots and Grad-CAM overlays as base64 PNGs, no scripts, no
+external files), so the page can be mailed or archived as it is. Plots use matplotlib.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engine.metrics import RESULT_ROWS, results_row
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
+       color: #1d2329; line-height: 1.45; padding: 0 1rem; }
+h1 { border-bottom: 3px solid #2f6db5; padding-bottom: .3rem; }
+h2 { margin-top: 2.2rem; color: #2f6db5; border-bottom: 1px solid #d5dde6; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .9rem; }
+th, td { border: 1px solid #c9d2dc; padding: .25rem .6rem; text-align: right; }
+th { background: #eef3f8; } td:first-child, th:first-child { text-align: left; }
+figure { display: inline-block; margin: .5rem 1rem .5rem 0; vertical-align: top; }
+figcaption { font-size: .85rem; color: #48525c; max-width: 460px; }
+img { max-width: 100%; } code, pre { background: #f3f5f7; font-size: .85rem; }
+pre { padding: .6rem; overflow-x: auto; } .note { color: #6b5200; background: #fff6d6; padding: .4rem .7rem; }
+"""
+
+
+# --- HTML pieces ------------------------------------------------------------------------
+
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return _esc(value)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def figure_html(fig, caption: str) -> str:
+    """A matplotlib figure, inlined, and closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<figure><img src="{_png_uri(buffer.getvalue())}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>'
+
+
+def image_html(array: np.ndarray, caption: str) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return f'<figure><img src="{_png_uri(buffer.getvalue())}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>'
+
+
+def markdown_html(text: str, base_dir: Path | None = None) -> str:
+    """The Markdown this project writes (headings, pipe tables, lists, paragraphs, `code`,
+    `![caption](file.png)` images from `base_dir`, inlined)."""
+    def inline(s: str) -> str:
+        s = _esc(s)
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+    out, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # below the page's h1 and section h2
+            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            rows = [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
+            head = "".join(f"<th>{inline(c)}</th>" for c in block[0])
+            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            continue
+        elif line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{inline(lines[i][2:])}</li>")
+                i += 1
+            out.append("<ul>" + "".join(items) + "</ul>")
+            continue
+        elif (image := re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())) and base_dir is not None:
+            path = base_dir / image.group(2)
+            out.append(image_html(_read_png(path), image.group(1)) if path.is_file() else f"<p>{inline(line)}</p>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+def page(title: str, sections: list[tuple[str, str]]) -> str:
+    body = "\n".join(f'<section id="{_esc(re.sub(r"[^a-z0-9]+", "-", name.lower()))}"><h2>{_esc(name)}</h2>\n{content}</section>'
+                     for name, content in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{STYLE}</style></head>\n<body><h1>{_esc(title)}</h1>\n{body}\n</body></html>\n")
+
+
+# --- Plots ------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_history(run_dir: Path) -> dict[str, list[float]]:
+    path = run_dir / "history.csv"
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0] if rows else {})}
+
+
+def curves_figure(histories: dict[str, dict[str, list[float]]], caption: str) -> str:
+    """Loss and accuracy per epoch, training (solid) and validation (dashed), a colour per run."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for colour, (name, history) in enumerate(histories.items()):
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+            for prefix, style in (("", "-"), ("val_", "--")):
+                values = history.get(prefix + key)
+                if values:
+                    ax.plot(range(1, len(values) + 1), values, style, marker="o", markersize=3, color=f"C{colour}",
+                            label=f"{name} {'validation' if prefix else 'training'}")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    return figure_html(fig, caption)
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], caption: str) -> str:
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(4.3, 3.8))
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return figure_html(fig, caption)
+
+
+# --- Sections ---------------------------------------------------------------------------
+
+def results_section(runs: dict[str, dict]) -> str:
+    """The original study's results table: a row per metric, a column per run."""
+    values = {name: results_row(metrics) for name, metrics in runs.items()}
+    return table(["Metric", *runs], [[row, *(values[n][row] for n in runs)] for row in RESULT_ROWS])
+
+
+def per_class_section(report: dict, classes: list[str]) -> str:
+    rows = [[c, report["per_class"][c]["precision"], report["per_class"][c]["recall"], report["per_class"][c]["f1"],
+             report["per_class"][c].get("roc_auc"), report["per_class"][c]["support"]] for c in classes]
+    rows.append(["macro", None, None, report["macro_f1"], report.get("macro_roc_auc"), report["count"]])
+    return table(["Class", "Precision", "Recall", "F1", "ROC-AUC", "Support"], rows)
+
+
+def evaluations_section(run_dir: Path) -> str:
+    """The `evaluate` results found in the run directory, and how far backends agree."""
+    reports = {p.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("eval-*.json"))}
+    if not reports:
+        return '<p class="note">No evaluate results yet (python cli.py evaluate RUN_DIR under any backend).</p>'
+    rows = [[name, r["backend"], r["split"], r["checkpoint"], r["count"], r["accuracy"], r["loss"], r["macro_f1"],
+             r.get("macro_roc_auc")] for name, r in reports.items()]
+    html_out = table(["File", "Backend", "Split", "Weights", "Images", "Accuracy", "Loss", "Macro-F1", "Macro ROC-AUC"], rows)
+    groups: dict[tuple, list[dict]] = {}
+    for r in reports.values():
+        groups.setdefault((r["split"], r["checkpoint"]), []).append(r)
+    agreement = []
+    for (split, checkpoint), same in groups.items():
+        if len(same) < 2:
+            continue
+        reference = np.array([p["probabilities"] for p in same[0]["predictions"]])
+        for other in same[1:]:
+            probs = np.array([p["probabilities"] for p in other["predictions"]])
+            if probs.shape != reference.shape:
+                continue
+            agreement.append([f"{split} ({checkpoint})", f"{same[0]['backend']} vs {other['backend']}",
+                              float((probs.argmax(1) == reference.argmax(1)).mean()),
+                              f"{np.abs(probs - reference).max():.2e}"])
+    if agreement:
+        html_out += "<h3>Agreement between backends (one saved model)</h3>" + table(
+            ["Split", "Backends", "Same prediction", "Max probability difference"], agreement)
+    return html_out
+
+
+def config_section(config: dict) -> str:
+    options = config.get("options", {})
+    html_out = table(["Option", "Value"], [[k, json.dumps(v) if not isinstance(v, str) else v] for k, v in options.items()])
+    extra = {k: config[k] for k in ("classes", "test_source", "counts", "phases", "deterministic") if k in config}
+    html_out += "<h3>Data and schedule</h3><pre>" + _esc(json.dumps(extra, indent=2)) + "</pre>"
+    html_out += "<h3>Environment</h3><pre>" + _esc(json.dumps(config.get("environment", {}), indent=2)) + "</pre>"
+    return html_out
+
+
+def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
+    """Grad-CAM overlays of test images, the misclassified ones first (most confident first)."""
+    if samples <= 0:
+        return '<p class="note">Skipped (--gradcam-samples 0).</p>'
+    from data.discovery import DatasetError
+    from engine.gradcam import DISPLAY_SIZE, cam_layer, grad_cam, side_by_side, split_at_cam_layer
+    from engine.inference import RunError, load_run, read_images, split_examples
+
+    try:
+        run = load_run(run_dir)
+        examples, source = split_examples(run, data_dir, "test")
+    except (RunError, DatasetError, OSError) as e:
+        return f'<p class="note">No Grad-CAM samples: {_esc(e)}</p>'
+    log(f"  Grad-CAM: predicting {len(examples)} test images of {run_dir}")
+    images, errors = read_images([e.path for e in examples], run.image_size)
+    readable = [e for e, err in zip(examples, errors, strict=True) if err is None]
+    if not readable:
+        return '<p class="note">No Grad-CAM samples: no test image could be read.</p>'
+    probabilities = run.probabilities(images)
+    predicted = probabilities.argmax(1)
+    labels = np.array([e.label for e in readable])
+    wrong = [int(i) for i in np.argsort(-probabilities.max(1)) if predicted[i] != labels[i]]
+    right = [int(i) for i in np.flatnonzero(predicted == labels)]
+    chosen = wrong[: samples // 2] or []
+    chosen += right[:: max(1, len(right) // max(1, samples - len(chosen)))][: samples - len(chosen)]
+    chosen += [i for i in wrong if i not in chosen][: samples - len(chosen)]
+    from data.augment import normalize
+
+    maps, _ = grad_cam(run.model, normalize(images[chosen], run.preprocess), None, split_at_cam_layer(run.model))
+    layer, tensor = cam_layer(run.model)
+    figures = []
+    for i, cam in zip(chosen, maps, strict=True):
+        p = probabilities[i]
+        verdict = "MISCLASSIFIED" if predicted[i] != labels[i] else "correct"
+        caption = (f"{Path(readable[i].path).name}: true {run.classes[labels[i]]}, predicted "
+                   f"{run.classes[predicted[i]]} {p[predicted[i]]:.2f} ({verdict})")
+        figures.append(image_html(side_by_side(readable[i].path, cam, min(DISPLAY_SIZE, 224)), caption))
+    intro = (f"<p>{len(wrong)} of {len(readable)} test images ({_esc(source)}) misclassified. Grad-CAM of the "
+             f"predicted class on <code>{_esc(layer)}</code> ({tensor.shape[1]}x{tensor.shape[2]} maps), "
+             f"computed under the active backend; misclassified images first.</p>")
+    if min(tensor.shape[1], tensor.shape[2]) < 7:
+        intro += (f'<p class="note">The maps are coarse: at {run.image_size} px the last stage is '
+                  f"{tensor.shape[1]}x{tensor.shape[2]}; ResNet50 at 224 px gives 7x7.</p>")
+    return intro + "".join(figures)
+
+
+# --- Pages ------------------------------------------------------------------------------
+
+def run_page(run_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
+    config = json.loads((run_dir / "config.json").read_text())
+    classes = config["classes"]
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    options = config.get("options", {})
+    summary = (f"<p>Backend <b>{_esc(config.get('environment', {}).get('backend', '?'))}</b>, model "
+               f"<b>{_esc(options.get('model', 'resnet50'))}</b>, {options.get('image_size')} px, "
+               f"test set: {_esc(config.get('test_source', ''))}.</p>")
+    sections = [("Summary", summary)]
+    if metrics:
+        backend = metrics["backend"]
+        best = metrics["best"]
+        sections.append(("Results", results_section({f"{backend} (final)": metrics,
+                                                     f"{backend} (best, epoch {best['epoch']})": best})))
+    else:
+        sections.append(("Results", '<p class="note">No metrics.json: the run did not finish.</p>'))
+    sections.append(("Training curves", curves_figure({run_dir.name: read_history(run_dir)},
+                                                      "Training (solid) and validation (dashed) per epoch")))
+    if metrics and metrics.get("test"):
+        sections.append(("Per-class metrics", "<p>Test split, final weights.</p>" + per_class_section(metrics["test"], classes)))
+        figures = [confusion_figure(metrics["test"]["confusion_matrix"], classes, "Test, final weights")]
+        if metrics["best"].get("test"):
+            figures.append(confusion_figure(metrics["best"]["test"]["confusion_matrix"], classes,
+                                            f"Test, best weights (epoch {metrics['best']['epoch']})"))
+        sections.append(("Confusion matrices", "".join(figures)))
+    sections.append(("Evaluations", evaluations_section(run_dir)))
+    if (run_dir / "stability.png").exists():
+        sections.append(("Training stability", image_html(_read_png(run_dir / "stability.png"),
+                                                          "Gradient norms per layer group (stability.csv)")))
+    sections.append(("Grad-CAM", gradcam_section(run_dir, samples, data_dir, log)))
+    sections.append(("Configuration and environment", config_section(config)))
+    return page(f"Run report: {run_dir.name}", sections)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def resolve_run_dir(compare_dir: Path, recorded: str) -> Path:
+    """A run directory named in compare.json, also when the compare folder was moved."""
+    path = Path(recorded)
+    if path.exists() or "runs" not in path.parts:
+        return path
+    last = len(path.parts) - 1 - path.parts[::-1].index("runs")
+    return compare_dir.joinpath(*path.parts[last:])
+
+
+def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
+    report = json.loads((compare_dir / "compare.json").read_text())
+    runs = []
+    for r in report["runs"]:
+        run_dir = resolve_run_dir(compare_dir, r["run_dir"])
+        metrics_path = run_dir / "metrics.json"
+        if metrics_path.exists():
+            label = " ".join(x for x in (r["backend"], r["cell"], f"seed {r['seed']}") if x)
+            runs.append((label, r, run_dir, json.loads(metrics_path.read_text())))
+    sections = [("Summary", f"<p>Command: <code>{_esc(report.get('command', ''))}</code></p>"
+                 f"<p>{len(runs)} runs over backends {_esc(', '.join(report['backends']))}.</p>")]
+    if (compare_dir / "compare.md").exists():
+        text = (compare_dir / "compare.md").read_text()
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("Command:"))
+        sections.append(("Comparison", markdown_html(text, compare_dir)))
+    if not runs:
+        return page(f"Compare report: {compare_dir.name}", [*sections, ("Results", '<p class="note">No finished runs.</p>')])
+    sections.append(("Results", results_section({label: m for label, _, _, m in runs})))
+    histories = {label: r["history"] for label, r, _, _ in runs}
+    by_backend: dict[str, dict] = {}
+    for label, r, _, _ in runs:
+        by_backend.setdefault(r["backend"], {})[label] = histories[label]
+    sections.append(("Training curves", "".join(curves_figure(h, f"{b}: training (solid) and validation (dashed)")
+                                                for b, h in by_backend.items())))
+    classes = json.loads((runs[0][2] / "config.json").read_text())["classes"]
+    tested = [(label, m) for label, _, _, m in runs if m.get("test")]
+    if tested:
+        f1 = [[c, *(m["test"]["per_class"][c]["f1"] for _, m in tested)] for c in classes]
+        f1.append(["macro-F1", *(m["test"]["macro_f1"] for _, m in tested)])
+        sections.append(("Per-class metrics", "<p>Test F1 per class, final weights.</p>"
+                         + table(["Class", *(label for label, _ in tested)], f1)))
+        sections.append(("Confusion matrices", "".join(
+            confusion_figure(m["test"]["confusion_matrix"], classes, f"{label}: test, final weights")
+            for label, m in tested)))
+    firsts = {}
+    for label, r, run_dir, _ in runs:
+        firsts.setdefault(r["backend"], (label, run_dir))
+    gradcams = "".join(f"<h3>{_esc(label)}</h3>" + gradcam_section(run_dir, samples, data_dir, log)
+                       for label, run_dir in firsts.values())
+    sections.append(("Grad-CAM", gradcams))
+    first_config = json.loads((runs[0][2] / "config.json").read_text())
+    sections.append(("Configuration and environment",
+                     "<p>Options of the compare command:</p><pre>" + _esc(json.dumps(report["options"], indent=2)) + "</pre>"
+                     + f"<p>Environment of {_esc(runs[0][0])}:</p><pre>"
+                     + _esc(json.dumps(first_config.get("environment", {}), indent=2)) + "</pre>"))
+    return page(f"Compare report: {compare_dir.name}", sections)
+
+
+def build_report(path: str | Path, samples: int = 6, data_dir: str | None = None, out: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """Writes `report.html` (or `out`) for a run directory or a compare directory."""
+    from engine.inference import RunError
+
+    path = Path(path)
+    if (path / "compare.json").exists():
+        text = compare_page(path, samples, data_dir, log)
+    elif (path / "config.json").exists():
+        text = run_page(path, samples, data_dir, log)
+    else:
+        raise RunError(f"{path} is neither a run directory (config.json) nor a compare directory (compare.json)")
+    target = Path(out) if out else path / "report.html"
+    target.write_text(text)
+    return target
