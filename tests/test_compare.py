@@ -142,6 +142,11 @@ def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_
         assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
     assert any(a.shape == (3, 3, 1024, 16) for a in starts[0].values())  # the hybrid's head conv
 
+    result = cli("report", str(out), "--gradcam-samples", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = (out / "report.html").read_text()
+    assert "<h1>Compare report: compare</h1>" in page and page.count("test, final weights") == 4
+
     again = cli(*args)  # Interrupted or finished: a rerun reuses the finished runs.
     assert again.returncode == 0
     assert again.stdout.count("done earlier, reusing") == 4
