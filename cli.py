@@ -452,7 +452,7 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 @_user_errors
 def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
     """Predict the class of images (files or folders). Exit 1 when some could not be read."""
-    from engine.inference import load_run, predict_files, write_predictions_csv
+    from engine.inference import format_predictions, load_run, predict_files, write_predictions_csv
 
     run = load_run(run_dir, checkpoint)
     rows = predict_files(run, list(paths), threshold, batch_size)
@@ -468,18 +468,6 @@ def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshol
     if failed:
         click.echo(f"{len(failed)} of {len(rows)} files could not be read", err=True)
         raise SystemExit(1)
-
-
-def format_predictions(rows: list, classes: list[str]) -> str:
-    lines = ["| File | Predicted | " + " | ".join(classes) + " | Low confidence |",
-             "|---" * (len(classes) + 3) + "|"]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.path} | unreadable | " + " | ".join("" for _ in classes) + " | |")
-        else:
-            probs = " | ".join(f"{p:.4f}" for p in r.probabilities)
-            lines.append(f"| {r.path} | {r.predicted} | {probs} | {'yes' if r.low_confidence else ''} |")
-    return "\n".join(lines)
 
 
 @cli.command()

@@ -79,28 +79,32 @@ def explain_files(run: TrainedRun, paths: list[str], out_dir: Path, class_name: 
     """Writes `<name>__<class>_<probability>.png` overlays, `gradcam.csv` and `heatmaps.npz`
     (the raw maps) to `out_dir`; returns a row per file (unreadable files get an error)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    images, errors = read_images(paths, run.image_size)
-    readable = [p for p, e in zip(paths, errors, strict=True) if e is None]
     parts = split_at_cam_layer(run.model)
     target = None if class_name is None else run.classes.index(class_name)
-    maps, probabilities = [], []
-    for i in range(0, len(images), batch_size):
-        chunk = normalize(images[i : i + batch_size], run.preprocess)
-        classes = None if target is None else np.full(len(chunk), target)
-        m, p = grad_cam(run.model, chunk, classes, parts)
-        maps.append(m)
-        probabilities.append(p)
+    display = max(run.image_size, DISPLAY_SIZE)
+    rows, failed, maps, probabilities = [], [], [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images, errors = read_images(chunk, run.image_size)
+        failed += [(p, e) for p, e in zip(chunk, errors, strict=True) if e is not None]
+        if not len(images):
+            continue
+        classes = None if target is None else np.full(len(images), target)
+        chunk_maps, chunk_probs = grad_cam(run.model, normalize(images, run.preprocess), classes, parts)
+        readable = [p for p, e in zip(chunk, errors, strict=True) if e is None]
+        for path, cam, p in zip(readable, chunk_maps, chunk_probs, strict=True):
+            explained = int(p.argmax()) if target is None else target
+            name = f"{len(rows):03d}-{Path(path).stem}__{run.classes[explained]}_{p[explained]:.2f}.png"
+            Image.fromarray(side_by_side(path, cam, display)).save(out_dir / name)
+            rows.append({"path": path, "overlay": name, "explained_class": run.classes[explained],
+                         "probability": float(p[explained]), "predicted": run.classes[int(p.argmax())], "error": ""})
+        maps.append(chunk_maps)
+        probabilities.append(chunk_probs)
+    readable = [r["path"] for r in rows]
     maps_all = np.concatenate(maps) if maps else np.zeros((0, 0, 0), np.float32)
     probs_all = np.concatenate(probabilities) if probabilities else np.zeros((0, len(run.classes)))
-    rows, display = [], max(run.image_size, DISPLAY_SIZE)
-    for k, (path, cam, p) in enumerate(zip(readable, maps_all, probs_all, strict=True)):
-        explained = int(p.argmax()) if target is None else target
-        name = f"{k:03d}-{Path(path).stem}__{run.classes[explained]}_{p[explained]:.2f}.png"
-        Image.fromarray(side_by_side(path, cam, display)).save(out_dir / name)
-        rows.append({"path": path, "overlay": name, "explained_class": run.classes[explained],
-                     "probability": float(p[explained]), "predicted": run.classes[int(p.argmax())], "error": ""})
     rows += [{"path": p, "overlay": "", "explained_class": "", "probability": "", "predicted": "", "error": e}
-             for p, e in zip(paths, errors, strict=True) if e is not None]
+             for p, e in failed]
     np.savez(out_dir / "heatmaps.npz", paths=np.array(readable, dtype=str), maps=maps_all, probabilities=probs_all)
     with open(out_dir / "gradcam.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])

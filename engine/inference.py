@@ -18,6 +18,7 @@ from data.discovery import DatasetError, Example, files_under, list_split, make_
 from engine.metrics import softmax
 
 CHECKPOINTS = ("final", "best", "last")
+PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
 
 
@@ -159,16 +160,32 @@ def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = 0
     """Predicts every file under `paths` (files or folders); unreadable files get an error
     and do not stop the others. A top probability below `threshold` is flagged."""
     files = [str(f) for p in paths for f in files_under(p)]
-    images, errors = read_images(files, run.image_size, workers)
-    probabilities = run.probabilities(images, batch_size) if len(images) else np.zeros((0, len(run.classes)))
-    rows, readable = [], iter(probabilities)
-    for path, error in zip(files, errors, strict=True):
-        if error is not None:
-            rows.append(Prediction(path, error=error))
-            continue
-        p = next(readable)
-        rows.append(Prediction(path, run.classes[int(p.argmax())], [float(v) for v in p], bool(p.max() < threshold)))
+    rows = []
+    for start in range(0, len(files), PREDICT_CHUNK):  # bounded memory for large folders
+        chunk = files[start : start + PREDICT_CHUNK]
+        images, errors = read_images(chunk, run.image_size, workers)
+        readable = iter(run.probabilities(images, batch_size) if len(images) else [])
+        for path, error in zip(chunk, errors, strict=True):
+            if error is not None:
+                rows.append(Prediction(path, error=error))
+                continue
+            p = next(readable)
+            rows.append(Prediction(path, run.classes[int(p.argmax())], [float(v) for v in p],
+                                   bool(p.max() < threshold)))
     return rows
+
+
+def format_predictions(rows: list[Prediction], classes: list[str]) -> str:
+    """A Markdown table: file, predicted class, each class' probability, the low-confidence flag."""
+    lines = ["| File | Predicted | " + " | ".join(classes) + " | Low confidence |",
+             "|---" * (len(classes) + 3) + "|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.path} | unreadable | " + " | ".join("" for _ in classes) + " | |")
+        else:
+            probs = " | ".join(f"{p:.4f}" for p in r.probabilities)
+            lines.append(f"| {r.path} | {r.predicted} | {probs} | {'yes' if r.low_confidence else ''} |")
+    return "\n".join(lines)
 
 
 def write_predictions_csv(rows: list[Prediction], classes: list[str], path: str | Path) -> None:

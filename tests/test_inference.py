@@ -151,3 +151,24 @@ def test_one_saved_model_gives_the_same_predictions_and_heatmaps_on_every_backen
         np.testing.assert_allclose(other, probs, atol=PROBABILITY_ATOL)
         for a, b in zip(heatmaps["torch"], heatmaps[backend], strict=True):
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
+
+
+def test_gradcam_writes_an_overlay_per_readable_image_and_names_the_rest(trained_run, demo_dir, tmp_path):
+    good = sorted((demo_dir / "Testing" / "meningioma").iterdir())[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    out = tmp_path / "cam"
+    result = run_cli("gradcam", str(trained_run), *map(str, good), str(broken), "--out", str(out), "--class", "pituitary")
+    assert result.exit_code == 1 and "broken.png: error" in result.output
+    overlays = sorted(out.glob("*.png"))
+    assert [p.name.split("-", 1)[1].split("__")[0] for p in overlays] == [p.stem for p in good]
+    assert all("__pituitary_" in p.name for p in overlays)
+    from PIL import Image
+
+    assert Image.open(overlays[0]).size == (2 * 224, 224)  # image and overlay, at display size
+    rows = list(csv.DictReader((out / "gradcam.csv").open()))
+    assert [r["error"] != "" for r in rows] == [False, False, False, True]
+    saved = np.load(out / "heatmaps.npz")
+    assert saved["maps"].shape == (3, 8, 8) and list(saved["paths"]) == [str(p) for p in good]
+    result = run_cli("gradcam", str(trained_run), str(good[0]), "--out", str(out), "--class", "cat")
+    assert result.exit_code == 2 and "the model's classes are" in result.output
