@@ -38,8 +38,7 @@ def _user_errors(fn):
             check_backend()
             from data.discovery import DatasetError
             from engine.config import ConfigError
-            from engine.inference import RunError
-            from engine.rundir import OutputDirError
+            from engine.rundir import OutputDirError, RunError
             from model.weights import WeightsError
 
             try:

@@ -6,6 +6,7 @@ backend is active.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -13,6 +14,8 @@ from PIL import Image
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+# Smaller images hold no anatomy (a 1x1 "image" is a broken export): refused, not upscaled.
+MIN_SIDE = 8
 
 
 class DecodeError(ValueError):
@@ -45,6 +48,30 @@ def _flatten(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
+def read_image(path: str) -> tuple[Image.Image, str]:
+    """Opens and decodes an image file at its own size: `(L or RGB image, original mode)`.
+
+    Raises `DecodeError` with the reason when the file cannot be read.
+    """
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # A DecompressionBombWarning becomes an error: such an image is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                mode = img.mode
+                img = _flatten(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DecodeError(f"cannot decode: {e}") from None
+    if min(img.size) < MIN_SIDE:
+        raise DecodeError(f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_SIDE} px on a side")
+    return img, mode
+
+
 def decode_and_resize(path: str, size: int) -> np.ndarray:
     """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
 
@@ -52,19 +79,7 @@ def decode_and_resize(path: str, size: int) -> np.ndarray:
     same bytes as resizing their RGB conversion. Raises `DecodeError` with the
     reason when the file cannot be read.
     """
-    try:
-        with warnings.catch_warnings():
-            # A DecompressionBombWarning becomes an error: such an image is refused.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = _flatten(img)
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
-    except Image.DecompressionBombWarning as e:
-        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise DecodeError(f"cannot decode: {e}") from None
+    img, _ = read_image(path)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)

@@ -16,14 +16,11 @@ from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from engine.metrics import softmax
+from engine.rundir import RunError
 
 CHECKPOINTS = ("final", "best", "last")
 PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
-
-
-class RunError(ValueError):
-    """A run directory or model file that cannot be used."""
 
 
 @dataclasses.dataclass

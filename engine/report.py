@@ -382,7 +382,7 @@ def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Cal
 def build_report(path: str | Path, samples: int = 6, data_dir: str | None = None, out: str | Path | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Writes `report.html` (or `out`) for a run directory or a compare directory."""
-    from engine.inference import RunError
+    from engine.rundir import RunError
 
     path = Path(path)
     if (path / "compare.json").exists():

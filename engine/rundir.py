@@ -11,6 +11,10 @@ class OutputDirError(OSError):
     """The output folder cannot be created or written."""
 
 
+class RunError(ValueError):
+    """A run directory or model file that cannot be used."""
+
+
 def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs") -> Path:
     """Creates the run directory (`runs/<time>-<backend>/` unless `out` is given).
 

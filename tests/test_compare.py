@@ -145,7 +145,7 @@ def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_
     result = cli("report", str(out), "--gradcam-samples", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     page = (out / "report.html").read_text()
-    assert "<h1>Compare report: compare</h1>" in page and page.count("test, final weights") == 4
+    assert "<h1>Compare report: compare</h1>" in page and page.count("test, final weights</figcaption>") == 4
 
     again = cli(*args)  # Interrupted or finished: a rerun reuses the finished runs.
     assert again.returncode == 0

@@ -56,9 +56,17 @@ def test_cmyk_jpeg_and_palette_gif_become_rgb(tmp_path):
         str(write_image(tmp_path / "ref.png", RGB)), 40).astype(int)).mean() < 12
 
 
-def test_one_pixel_image_is_upscaled(tmp_path):
-    out = decode_and_resize(str(write_image(tmp_path / "one.png", np.full((1, 1, 3), 77, np.uint8))), 8)
-    assert (out == 77).all()
+def test_a_1x1_image_is_refused_and_8_px_is_upscaled(tmp_path):
+    with pytest.raises(DecodeError, match="1x1 px, smaller than 8 px"):
+        decode_and_resize(str(write_image(tmp_path / "one.png", np.full((1, 1, 3), 77, np.uint8))), 8)
+    out = decode_and_resize(str(write_image(tmp_path / "eight.png", np.full((8, 8, 3), 77, np.uint8))), 32)
+    assert out.shape == (32, 32, 3) and (out == 77).all()
+
+
+def test_an_empty_file_says_so(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DecodeError, match=r"empty file \(0 bytes\)"):
+        decode_and_resize(str(tmp_path / "empty.jpg"), 8)
 
 
 def _truncated_jpeg() -> bytes:
