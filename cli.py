@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import click
 
@@ -79,6 +80,9 @@ def data_options(fn):
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order, augmentation and model randomness."),
         click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader threads (0: load in the training thread)."),
         click.option("--cache/--no-cache", default=True, show_default=True, help="Keep decoded images in memory (n * size^2 * 3 bytes)."),
+        click.option("--dedup/--no-dedup", default=False, show_default=True, help="Drop from training every image with an exact or near twin in the test set, keep one of each duplicate group; report test accuracy on the leakage-free test subset too."),
+        click.option("--dedup-max-distance", default=10, show_default=True, type=click.IntRange(0, 64), help="--dedup: dHash distance (bits) of a candidate near pair (see `audit`)."),
+        click.option("--dedup-min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="--dedup: thumbnail correlation that confirms a near pair."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -246,6 +250,36 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 
     counts = make_demo_data(out_dir, train_per_class, test_per_class, seed)
     click.echo(f"Wrote {counts['Training']} training and {counts['Testing']} test images to {out_dir}")
+
+
+@cli.command()
+@click.option("--data-dir", required=True, type=click.Path(), help="Folder with Training/<class>/* and/or Testing/<class>/*.")
+@click.option("--max-distance", default=10, show_default=True, type=click.IntRange(0, 64), help="Candidate near pair: dHash (64 bits, of the content box) within this many bits.")
+@click.option("--min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
+@click.option("--out", default="audit.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write every group with its files.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@_user_errors
+def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
+    """Find exact and near duplicate images, within and across splits, and label conflicts."""
+    import time
+
+    from data.audit import audit_dataset, format_audit, list_dataset
+    from engine.rundir import write_json
+
+    start = time.perf_counter()
+    total = len(list_dataset(data_dir)[0])
+    with click.progressbar(length=total, label="Hashing images", file=sys.stderr) as bar:
+        done = [0]
+
+        def progress(count: int) -> None:
+            bar.update(count - done[0])
+            done[0] = count
+
+        report = audit_dataset(data_dir, max_distance, min_correlation, workers, progress)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    write_json(out, report)
+    click.echo(format_audit(report))
+    click.echo(f"\nWrote {out} ({len(report['groups'])} groups with their files) in {report['seconds']} s")
 
 
 @cli.command("pipeline-hash")

@@ -46,6 +46,8 @@ class Splits:
     test: list[Example]
     test_source: str
     ignored: list[str]
+    dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # by --dedup: (path, why)
+    leaked_test: list[str] = dataclasses.field(default_factory=list)  # test images with a training twin
 
     def counts(self) -> dict[str, list[int]]:
         """Examples per class, per split."""
@@ -169,12 +171,16 @@ def stratified_split(
 
 
 def make_splits(
-    data_dir: str | Path, val_split: float = 0.1, test_split: float = 0.0, seed: int = 0
+    data_dir: str | Path, val_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
+    dedup: bool = False, max_distance: int | None = None, min_correlation: float | None = None,
 ) -> Splits:
     """Discovers the dataset and builds the train/val/test splits.
 
     The test set is `Testing/` when present; otherwise `test_split` of Training,
-    held out before the validation split is taken from the rest.
+    held out before the validation split is taken from the rest. With `dedup`, the
+    rest loses every image with an exact or near twin in the test set and keeps one
+    image of each duplicate group (see `data.audit.deduplicate`) before the
+    validation split is drawn.
     """
     classes, train, test, ignored = discover(data_dir)
     if test is not None:
@@ -186,5 +192,15 @@ def make_splits(
         source = f"{test_split:g} of {TRAIN_DIR}/, stratified, split seed {seed}"
     else:
         test, source = [], "none (no Testing/ folder and --test-split 0)"
+    dropped, leaked = [], []
+    if dedup:
+        from data import audit
+
+        result = audit.deduplicate(
+            train, test,
+            audit.DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,
+            audit.DEFAULT_MIN_CORRELATION if min_correlation is None else min_correlation,
+        )
+        train, dropped, leaked = result.kept, result.dropped, result.leaked_test
     train, val = stratified_split(train, val_split, seed, tag=_VAL_TAG)
-    return Splits(classes, train, val, test, source, ignored)
+    return Splits(classes, train, val, test, source, ignored, dropped, leaked)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.backend import backend_subprocess_env
-from engine.metrics import RESULT_ROWS, format_table, results_row
+from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
 from engine.rundir import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,16 +122,19 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def cell_table(results: list[dict], backends: tuple[str, ...]) -> tuple[str, dict]:
     """One cell's results table, a column per backend (mean ± std over seeds)."""
+    leakage = any(r["row"].get(LEAKAGE_ROWS[0]) is not None for r in results)  # --dedup runs
+    names = [*RESULT_ROWS, *(LEAKAGE_ROWS if leakage else []), *SUMMARY_ROWS[len(RESULT_ROWS):]]
     columns, data = {}, {}
     for backend in backends:
         rows = [r["row"] for r in results if r["backend"] == backend]
-        stats = {name: _mean_std([row[name] for row in rows]) for name in SUMMARY_ROWS}
+        stats = {name: _mean_std([row.get(name) for row in rows]) for name in names}
         data[backend] = stats
         columns[backend] = {
-            name: _format_mean_std(*stats[name], digits=1 if name in _ONE_DECIMAL else "e" if name in STABILITY_ROWS else 4)
-            for name in SUMMARY_ROWS
+            name: _format_mean_std(*stats[name], digits=1 if name in _ONE_DECIMAL else "e" if name in STABILITY_ROWS
+                                   else 0 if name == LEAKAGE_ROWS[1] else 4)
+            for name in names
         }
-    return format_table(columns, SUMMARY_ROWS), data
+    return format_table(columns, names), data
 
 
 def _format_mean_std(mean: float | None, std: float | None, digits: int | str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
@@ -58,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     cache: bool = True
+    dedup: bool = False
+    dedup_max_distance: int = DEFAULT_MAX_DISTANCE
+    dedup_min_correlation: float = DEFAULT_MIN_CORRELATION
     deterministic: bool = False
     verbose: int = 1
 
@@ -75,6 +79,11 @@ class TrainConfig:
                              f"{f' cut at {self.cut}' if self.model == 'hybrid' else ''} has {blocks} residual blocks")
         if self.freeze == "backbone" and self.unfreeze_blocks:
             raise ConfigError("--freeze backbone and --unfreeze-blocks contradict each other; give one")
+
+    def splits(self) -> Splits:
+        """The train/val/test splits these options make (deduplicated with --dedup)."""
+        return make_splits(self.data_dir, self.val_split, self.test_split, self.split_seed,
+                           self.dedup, self.dedup_max_distance, self.dedup_min_correlation)
 
     def augment_config(self) -> AugmentConfig:
         if self.augment == "none":
@@ -105,7 +114,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     """
     cfg.augment_config()
     cfg.check_schedule()
-    splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
+    splits = cfg.splits()
     resolve_backbone_weights(cfg.weights)
     if cfg.init_weights:
         check_weights_file(Path(cfg.init_weights), "--init-weights file")

@@ -97,7 +97,8 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
     data_dir = Path(data_dir or run.options["data_dir"])
     if split in SPLITS:
         opts = run.options
-        splits = make_splits(data_dir, opts["val_split"], opts["test_split"], opts["split_seed"])
+        splits = make_splits(data_dir, opts["val_split"], opts["test_split"], opts["split_seed"],
+                             opts.get("dedup", False), opts.get("dedup_max_distance"), opts.get("dedup_min_correlation"))
         _check_classes(run, splits.classes, data_dir)
         examples = getattr(splits, split)
         if not examples:

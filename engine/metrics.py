@@ -93,10 +93,22 @@ def format_table(columns: dict[str, dict[str, float | None]], rows: list[str]) -
 RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]
 
 
+LEAKAGE_ROWS = ["Test Accuracy (leakage-free)", "Leakage-free test images"]
+
+
+def result_rows(runs: list[dict]) -> list[str]:
+    """The table's rows: the study's, plus the leakage-free test subset when a run has one."""
+    return RESULT_ROWS + (LEAKAGE_ROWS if any(m.get("test_leakage_free") for m in runs) else [])
+
+
 def results_row(metrics: dict) -> dict[str, float | None]:
-    """The original study's results-table values of one run."""
+    """The original study's results-table values of one run (and the leakage-free test
+    accuracy of a --dedup run)."""
     test = metrics.get("test") or {}
+    clean = metrics.get("test_leakage_free") or {}
     return {
+        "Test Accuracy (leakage-free)": clean.get("accuracy"),
+        "Leakage-free test images": clean.get("count"),
         "Train Loss": metrics["train"]["loss"],
         "Train Accuracy": metrics["train"]["accuracy"],
         "Val Accuracy": (metrics.get("val") or {}).get("accuracy"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.metrics import RESULT_ROWS, results_row
+from engine.metrics import result_rows, results_row
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -184,7 +184,8 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], caption: str) 
 def results_section(runs: dict[str, dict]) -> str:
     """The original study's results table: a row per metric, a column per run."""
     values = {name: results_row(metrics) for name, metrics in runs.items()}
-    return table(["Metric", *runs], [[row, *(values[n][row] for n in runs)] for row in RESULT_ROWS])
+    rows = result_rows(list(runs.values()))
+    return table(["Metric", *runs], [[row, *(values[n][row] for n in runs)] for row in rows])
 
 
 def per_class_section(report: dict, classes: list[str]) -> str:

@@ -11,12 +11,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example, make_splits
+from data.discovery import DatasetError, Example
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
 from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard
 from engine.config import Preflight, TrainConfig, preflight
-from engine.metrics import RESULT_ROWS, classification_report, format_table, results_row
+from engine.metrics import classification_report, format_table, result_rows, results_row
 from engine.rundir import write_json
 from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
 from engine.stability import StabilityMonitor
@@ -49,7 +49,7 @@ def training_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCa
 
 def scanned_training_batches(cfg: TrainConfig) -> MRIBatches:
     """`training_batches` of `cfg.data_dir`'s training split, unreadable files left out."""
-    splits = make_splits(cfg.data_dir, cfg.val_split, cfg.test_split, cfg.split_seed)
+    splits = cfg.splits()
     cache = DecodedCache() if cfg.cache else None
     examples, _ = scan_examples(splits.train, cfg.image_size, cache, cfg.workers)
     return training_batches(cfg, examples, cache)
@@ -131,11 +131,15 @@ def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cach
     return np.asarray(logits, dtype=np.float32), batches.labels
 
 
-def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str]) -> dict:
-    return {
+def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str], leaked: set[str]) -> dict:
+    reports = {
         "val": classification_report(*_predict(model, val, cfg, cache), classes) if val else None,
         "test": classification_report(*_predict(model, test, cfg, cache), classes) if test else None,
     }
+    clean = [e for e in test if e.path not in leaked]
+    if cfg.dedup and clean:  # the test images whose twins were not in Training
+        reports["test_leakage_free"] = classification_report(*_predict(model, clean, cfg, cache), classes)
+    return reports
 
 
 def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print) -> dict:
@@ -162,6 +166,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
     if not train:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
+    if cfg.dedup:
+        _record_dedup(run_dir, splits, len(test), log)
     counts = dataclasses.replace(splits, train=train, val=val, test=test).counts()
 
     determinism = enable_determinism() if cfg.deterministic else None
@@ -181,6 +187,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
             "test_source": splits.test_source,
             "counts": counts,
             "skipped_files": len(skipped),
+            "dedup": {"dropped_training_images": len(splits.dropped), "test_images_with_a_training_twin":
+                      len(splits.leaked_test)} if cfg.dedup else None,
             "ignored_files": len(splits.ignored),
             "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
             "deterministic": determinism,
@@ -206,13 +214,14 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
     model.save(run_dir / "model.keras")
 
-    final = _evaluate(model, val, test, cfg, cache, splits.classes)
+    leaked = set(splits.leaked_test)
+    final = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
     best_epoch = checkpoints.best_epoch - 1
     with warnings.catch_warnings():
         # The file also holds the optimizer of its epoch's phase; only the model's weights matter here.
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         model.load_weights(run_dir / "best.weights.h5")
-    best = _evaluate(model, val, test, cfg, cache, splits.classes)
+    best = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
     metrics = {
         "backend": backend,
         "model": cfg.model,
@@ -246,6 +255,18 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     return metrics
 
 
+def _record_dedup(run_dir: Path, splits, test_count: int, log: Callable[[str], None]) -> None:
+    """dedup.json: every training image --dedup dropped and why, and the leaked test images."""
+    twins = sum("twin of test image" in why for _, why in splits.dropped)
+    write_json(run_dir / "dedup.json", {
+        "dropped": [{"path": p, "why": why} for p, why in splits.dropped],
+        "leaked_test_images": splits.leaked_test,
+    })
+    log(f"--dedup: dropped {len(splits.dropped)} training images ({twins} twins of test images, "
+        f"{len(splits.dropped) - twins} copies inside Training); {len(splits.leaked_test)} of {test_count} "
+        f"test images had a twin in Training (list in {run_dir / 'dedup.json'})")
+
+
 def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> str:
     kept = (f"the last good weights (epoch {checkpoints.last_epoch}) are in {checkpoints.last}"
             if checkpoints.last_epoch else f"no epoch finished; the starting weights are in {run_dir / 'initial.weights.h5'}")
@@ -256,5 +277,5 @@ def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> s
 
 def results_table(runs: dict[str, dict]) -> str:
     """The results table, one column per run (e.g. per backend)."""
-    return format_table({name: results_row(m) for name, m in runs.items()}, RESULT_ROWS)
+    return format_table({name: results_row(m) for name, m in runs.items()}, result_rows(list(runs.values())))
 
