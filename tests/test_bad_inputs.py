@@ -1,0 +1,140 @@
+"""The bad-input matrix: every kind of bad input a user's folders hold, through the real
+commands. Each is either read, skipped and reported (training goes on), or refused before
+training with one line and exit code 2. The README's table lists the same behaviours."""
+
+import io
+import json
+import os
+import shutil
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_cli import error_lines, run_cli
+
+RNG = np.random.default_rng(0)
+GRAY = RNG.integers(0, 256, (48, 48), dtype=np.uint8)
+
+
+def _jpeg_bytes(mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(GRAY).convert(mode).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _png(path, array, mode=None):
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+# name -> (how to write it, None if it is read, or the reason it is skipped)
+FILES = {
+    "corrupt.jpg": (lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + bytes(RNG.integers(0, 256, 500, dtype=np.uint8))),
+                    "cannot decode"),
+    "truncated.jpg": (lambda p: p.write_bytes(_jpeg_bytes()[:300]), "cannot decode"),
+    "zero-bytes.jpg": (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+    "text.jpg": (lambda p: p.write_text("not an image, just text\n"), "cannot identify image file"),
+    "one-pixel.png": (lambda p: _png(p, np.full((1, 1), 128, np.uint8)), "1x1 px, smaller than 8 px"),
+    "huge-10000x10000.png": (lambda p: Image.new("L", (10_000, 10_000)).save(p), "decompression bomb"),
+    "alpha.png": (lambda p: _png(p, np.dstack([np.stack([GRAY] * 3, -1), np.full((48, 48), 128, np.uint8)])), None),
+    "sixteen-bit.png": (lambda p: Image.fromarray(GRAY.astype(np.uint16) * 257).save(p), None),
+    "cmyk.jpg": (lambda p: p.write_bytes(_jpeg_bytes("CMYK")), None),
+    "nested/deeper/scan.jpg": (lambda p: p.write_bytes(_jpeg_bytes()), None),
+}
+IGNORED = [".DS_Store", "__MACOSX/._scan.jpg", ".hidden.jpg", "notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def messy_data(tmp_path_factory, demo_dir):
+    root = tmp_path_factory.mktemp("messy") / "data"
+    shutil.copytree(demo_dir, root)
+    folder = root / "Training" / "glioma"
+    for name, (write, _) in FILES.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        write(folder / name)
+    for name in IGNORED:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_jpeg_bytes())
+    os.symlink(folder, folder / "loop")  # a symlink loop: never followed
+    return root
+
+
+@pytest.mark.slow
+def test_bad_files_are_skipped_and_reported_and_the_rest_train(messy_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--data-dir", str(messy_data), "--image-size", "32", "--batch-size", "8",
+                     "--epochs", "1", "--weights", "none", "--out", str(run_dir), "--verbose", "0")
+    assert result.exit_code == 0, result.output
+    skipped = dict(line.split("\t", 1) for line in (run_dir / "skipped.txt").read_text().splitlines())
+    folder = messy_data / "Training" / "glioma"
+    expected_skips = {str(folder / n): reason for n, (_, reason) in FILES.items() if reason}
+    assert set(skipped) == set(expected_skips)
+    for path, reason in expected_skips.items():
+        assert reason in skipped[path], (path, skipped[path])
+    config = json.loads((run_dir / "config.json").read_text())
+    readable = sum(1 for _, reason in FILES.values() if reason is None)
+    assert sum(config["counts"]["train"]) + sum(config["counts"]["val"]) == 4 * 8 + readable
+    assert config["ignored_files"] == 1  # notes.txt; hidden files and __MACOSX are not even listed
+    assert f"Skipped {len(expected_skips)} unreadable files" in result.output
+    assert len((run_dir / "history.csv").read_text().splitlines()) == 2  # the epoch finished
+
+
+def _weights_file(tmp_path, truncate: bool):
+    path = tmp_path / "w.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.zeros(1000))
+    if truncate:
+        path.write_bytes(path.read_bytes()[:500])
+    return path
+
+
+def _setup_error(case: str, tmp_path, demo_dir) -> tuple[list[str], str]:
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    if case == "empty class folder":
+        (data / "Training" / "extra").mkdir()
+        return [], "holds no image files"
+    if case == "class folder in one split only":
+        shutil.copytree(data / "Training" / "glioma", data / "Training" / "other")
+        return [], "class folders differ"
+    if case in ("missing --weights file", "missing --init-weights file"):
+        flag = case.split()[1]
+        return [flag, str(tmp_path / "nowhere.weights.h5")], "does not exist"
+    if case in ("truncated --weights file", "truncated --init-weights file"):
+        flag = case.split()[1]
+        return [flag, str(_weights_file(tmp_path, truncate=True))], "is not a readable HDF5 weights file"
+    if case == "unwritable output folder":
+        (tmp_path / "a-file").write_text("x")
+        return ["--out", str(tmp_path / "a-file" / "run")], "is not writable"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", [
+    "empty class folder", "class folder in one split only", "missing --weights file", "missing --init-weights file",
+    "truncated --weights file", "truncated --init-weights file", "unwritable output folder",
+])
+def test_input_errors_stop_before_training_with_one_line(case, tmp_path, demo_dir):
+    extra, message = _setup_error(case, tmp_path, demo_dir)
+    args = ["train", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--image-size", "32"]
+    if "--weights" not in extra:
+        args += ["--weights", "none"]
+    if "--out" not in extra:
+        args += ["--out", str(tmp_path / "run")]
+    result = run_cli(*args, *extra)
+    assert result.exit_code == 2, result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "run" / "history.csv").exists()
+
+
+def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path, trained_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    inputs = keras.Input((64, 64, 3), name="image")
+    keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, 0, :])(inputs)).save(run_dir / "model.keras")
+    result = run_cli("predict", str(run_dir), str(run_dir / "stability.png"))
+    assert result.exit_code == 2
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and "refused by Keras safe_mode" in lines[0] and "Lambda" in lines[0]
