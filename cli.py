@@ -198,9 +198,13 @@ def cli() -> None:
     """Brain-tumor MRI classification on any Keras 3 backend (set KERAS_BACKEND)."""
 
 
+RESUME = click.option("--resume", default=None, type=click.Path(file_okay=False), help="Continue the interrupted run in this directory after its last finished epoch (its config.json's options are used).")
+
+
 @cli.command()
 @data_options
 @train_options
+@RESUME
 @_user_errors
 def train(**options) -> None:
     """Fine-tune the ResNet50 classifier (or the hybrid) and write a run directory."""
@@ -210,6 +214,7 @@ def train(**options) -> None:
 @cli.command()
 @data_options
 @train_options(overrides=HYBRID_DEFAULTS)
+@RESUME
 @_user_errors
 def hybrid(**options) -> None:
     """Train the hybrid: ResNet50 cut at --cut plus a custom CNN head, in two phases.
@@ -223,10 +228,23 @@ def hybrid(**options) -> None:
 
 
 def _train(options: dict) -> None:
-    from engine.config import TrainConfig, preflight
+    from engine.config import TrainConfig, preflight, resume_config
 
+    resume = options.pop("resume")
     cfg = TrainConfig(**options)
-    checked = preflight(cfg)  # Before the backend loads: bad input fails fast.
+    if resume:
+        given = cfg
+        cfg = resume_config(resume)
+        if cfg is None:
+            click.echo(f"{resume} finished already (metrics.json is there); nothing to resume")
+            return
+        ctx = click.get_current_context()
+        ignored = [name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+                   and getattr(given, name) != getattr(cfg, name) and name != "out"]
+        if ignored:
+            click.echo(f"--resume: the run's own options are used; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}",
+                       err=True)
+    checked = preflight(cfg, resume=bool(resume))  # Before the backend loads: bad input fails fast.
     if cfg.deterministic:
         from engine.backend import deterministic_environment
 
@@ -234,7 +252,7 @@ def _train(options: dict) -> None:
     from engine.train import DivergedError, run_training
 
     try:
-        run_training(cfg, checked)
+        run_training(cfg, checked, resume=bool(resume))
     except DivergedError as e:
         raise click.ClickException(str(e)) from None
 

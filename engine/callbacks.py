@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -58,29 +61,66 @@ class NonFiniteGuard(keras.callbacks.Callback):
 
 class Checkpoints(keras.callbacks.Callback):
     """After each epoch whose loss is finite: `last.weights.h5`, and `best.weights.h5` when
-    `monitor` improved. An epoch with a non-finite loss overwrites neither."""
+    `monitor` improved. An epoch with a non-finite loss overwrites neither.
 
-    def __init__(self, run_dir: Path, monitor: str) -> None:
+    `last.weights.h5` is what `--resume` continues from: the weights, the optimizer's
+    state and, in the file's attributes (see `checkpoint_state`), the epoch count, the best
+    epoch so far and the dropout generators' state, which Keras' weights files leave out.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str, resumed: dict | None = None) -> None:
         super().__init__()
         self.last, self.best = run_dir / "last.weights.h5", run_dir / "best.weights.h5"
         self.monitor = monitor
-        self.best_value = -math.inf
-        self.last_epoch = self.best_epoch = 0
+        resumed = resumed or {}
+        self.best_value = resumed.get("best_value", -math.inf)
+        self.last_epoch = resumed.get("epoch", 0)
+        self.best_epoch = resumed.get("best_epoch", 0)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if not _finite(logs.get("loss")):
             return
-        _save_weights(self.model, self.last)
-        self.last_epoch = epoch + 1
         value = logs.get(self.monitor)
-        if _finite(value) and float(value) > self.best_value:
-            _save_weights(self.model, self.best)
+        improved = _finite(value) and float(value) > self.best_value
+        if improved:
             self.best_value, self.best_epoch = float(value), epoch + 1
+        self.last_epoch = epoch + 1
+        state = {"epoch": epoch + 1, "best_epoch": self.best_epoch, "best_value": self.best_value,
+                 "monitor": self.monitor, "seed_states": seed_states(self.model)}
+        _save_weights(self.model, self.last, state)  # the one file a resume needs, written atomically
+        if improved:
+            _copy_atomically(self.last, self.best)
 
 
-def _save_weights(model: keras.Model, path: Path) -> None:
-    """`save_weights` through a temporary file, so a crash never leaves half a checkpoint."""
+def seed_states(model: keras.Model) -> list[list]:
+    """`[variable path, state]` of each random generator of the model (dropout's), in order."""
+    return [[v.path, np.asarray(keras.ops.convert_to_numpy(v)).tolist()]
+            for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def restore_seed_states(model: keras.Model, states: list[list]) -> None:
+    variables = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    if [v.path for v in variables] != [path for path, _ in states]:
+        raise ValueError("the checkpoint's random generators do not match the model's")
+    for variable, (_, value) in zip(variables, states, strict=True):
+        variable.assign(np.asarray(value, dtype=keras.backend.standardize_dtype(variable.dtype)))
+
+
+def _save_weights(model: keras.Model, path: Path, state: dict | None = None) -> None:
+    """`save_weights` (plus `state` as a JSON attribute) through a temporary file, so a crash
+    never leaves half a checkpoint."""
+    import h5py
+
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
     model.save_weights(tmp)
+    if state is not None:
+        with h5py.File(tmp, "a") as f:
+            f.attrs["training_state"] = json.dumps(state)
     os.replace(tmp, path)
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

@@ -10,7 +10,6 @@ of each factor next to the backend effect and the seed-to-seed spread.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import itertools
 import json
@@ -26,7 +25,7 @@ import numpy as np
 
 from engine.backend import backend_subprocess_env
 from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
-from engine.rundir import write_json
+from engine.rundir import read_history, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights")
@@ -87,13 +86,6 @@ def train_command(options: dict, run: Run, init_weights: Path, out: Path, determ
     if deterministic:
         args.append("--deterministic")
     return args
-
-
-def read_history(run_dir: Path) -> dict[str, list[float]]:
-    """history.csv as {column: [value per epoch]}."""
-    with open(run_dir / "history.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
 
 
 def summary_row(metrics: dict) -> dict[str, float | None]:

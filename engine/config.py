@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
-from engine.rundir import prepare_run_dir
+from engine.rundir import checkpoint_state, prepare_run_dir
 from model.spec import ModelSpec
 from model.weights import check_weights_file, resolve_backbone_weights
 
@@ -67,7 +68,7 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
-                         self.bn_momentum)
+                         self.bn_momentum, dropout_seed=self.seed)
 
     def check_schedule(self) -> None:
         """Raises ConfigError for schedule options that do not fit together or the model."""
@@ -99,6 +100,32 @@ class TrainConfig:
         )
 
 
+def resume_config(run_dir: str | Path) -> TrainConfig | None:
+    """The options of the interrupted run in `run_dir`, or None when it already finished.
+
+    Raises `ConfigError` when there is nothing to resume.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    if (run_dir / "metrics.json").is_file():
+        return None
+    last = run_dir / "last.weights.h5"
+    if not last.is_file():
+        raise ConfigError(f"--resume {run_dir}: no epoch finished there (no last.weights.h5); start it again "
+                          f"without --resume")
+    try:
+        state = checkpoint_state(last)
+    except OSError as e:
+        raise ConfigError(f"--resume {run_dir}: {last} is not readable ({e})") from None
+    if state is None:
+        raise ConfigError(f"--resume {run_dir}: {last} holds no training state (written before --resume existed)")
+    options = json.loads((run_dir / "config.json").read_text())["options"]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
+    return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
+
+
 @dataclasses.dataclass
 class Preflight:
     """What the checks found: the run directory (created) and the splits."""
@@ -107,16 +134,18 @@ class Preflight:
     splits: Splits
 
 
-def preflight(cfg: TrainConfig) -> Preflight:
+def preflight(cfg: TrainConfig, resume: bool = False) -> Preflight:
     """Checks the options, data, weights and output folder; creates the run directory.
 
-    Needs no backend, so bad input fails in about a second with one clear error.
+    Needs no backend, so bad input fails in about a second with one clear error. A resumed
+    run needs no starting weights (its checkpoint holds every variable).
     """
     cfg.augment_config()
     cfg.check_schedule()
     splits = cfg.splits()
-    resolve_backbone_weights(cfg.weights)
-    if cfg.init_weights:
-        check_weights_file(Path(cfg.init_weights), "--init-weights file")
+    if not resume:
+        resolve_backbone_weights(cfg.weights)
+        if cfg.init_weights:
+            check_weights_file(Path(cfg.init_weights), "--init-weights file")
     run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
     return Preflight(run_dir, splits)

@@ -7,7 +7,6 @@ external files), so the page can be mailed or archived as it is. Plots use matpl
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.metrics import result_rows, results_row
+from engine.rundir import read_history
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -132,15 +132,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_history(run_dir: Path) -> dict[str, list[float]]:
-    path = run_dir / "history.csv"
-    if not path.exists():
-        return {}
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in (rows[0] if rows else {})}
 
 
 def curves_figure(histories: dict[str, dict[str, list[float]]], caption: str) -> str:

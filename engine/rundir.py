@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -29,6 +30,38 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
     except OSError as e:
         raise OutputDirError(f"output folder {path} is not writable: {e.strerror or e}") from None
     return path
+
+
+def read_history(run_dir: str | Path) -> dict[str, list[float]]:
+    """history.csv as {column: [value per epoch]} (NaN for an empty cell; {} without the file)."""
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
+
+
+def truncate_csv(path: Path, rows: int) -> None:
+    """Keeps the header and the first `rows` rows of a CSV file (atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(lines[: rows + 1]))
+    tmp.replace(path)
+
+
+def checkpoint_state(path: Path) -> dict | None:
+    """The training state stored with a `last.weights.h5` (None for a file without it):
+    the epochs done, the best epoch so far and the random generators' state."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        text = f.attrs.get("training_state")
+    return json.loads(text) if text is not None else None
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -52,12 +52,13 @@ class StabilityMonitor(keras.callbacks.Callback):
     (also added to the epoch's logs, so history.csv has it).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, run_dir: Path) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, run_dir: Path, resume_epochs: int = 0) -> None:
         super().__init__()
         self.images, self.labels = images, labels
         self.csv_path, self.png_path = run_dir / "stability.csv", run_dir / "stability.png"
         self.phase = ""
-        self.rows: list[dict] = []
+        # A resumed run keeps the rows of the epochs it does not repeat.
+        self.rows: list[dict] = read_rows(self.csv_path, resume_epochs) if resume_epochs else []
         self._probe: keras.Model | None = None
         self._points: list[str] = []
         self._groups: list[str] = []
@@ -107,6 +108,25 @@ class StabilityMonitor(keras.callbacks.Callback):
             "cut_act_std_last": last.get("act_std/cut"),
             "nonfinite_loss": any(r["nonfinite_loss"] for r in self.rows),
         }
+
+
+def read_rows(path: Path, limit: int) -> list[dict]:
+    """The first `limit` rows of a stability.csv, with the types `write_rows` was given."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))[:limit]
+
+    def value(key: str, text: str):
+        if text == "":
+            return None
+        if key == "phase":
+            return text
+        if key in ("epoch", "nonfinite_loss"):
+            return int(text)
+        return float(text)
+
+    return [{k: value(k, v) for k, v in row.items()} for row in rows]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -14,10 +15,10 @@ import numpy as np
 from data.discovery import DatasetError, Example
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
-from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard
+from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard, restore_seed_states
 from engine.config import Preflight, TrainConfig, preflight
 from engine.metrics import classification_report, format_table, result_rows, results_row
-from engine.rundir import write_json
+from engine.rundir import checkpoint_state, read_history, truncate_csv, write_json
 from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
 from engine.stability import StabilityMonitor
 from model import build_model, load_initial_weights
@@ -72,25 +73,45 @@ def fit_phases(
     history_csv: Path,
     verbose: int = 1,
     log: Callable[[str], None] = print,
+    resume_from: Path | None = None,
 ) -> dict[str, list[float]]:
     """Runs the phases one `fit` after another, recompiling between them.
 
     The epoch counter runs on, Adam's state (step and moments) carries over into each
     new phase's optimizer, and history.csv gets every epoch once. A callback that stops
-    training (the non-finite loss guard) also ends the schedule.
+    training (the non-finite loss guard) also ends the schedule. With `resume_from` (a
+    `last.weights.h5` of this run), the phases before its epoch are skipped, the phase it
+    was saved in is rebuilt and loaded with its weights, optimizer state and generators,
+    and training goes on from the next epoch.
     """
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     history: dict[str, list[float]] = defaultdict(list)
     optimizer, epoch = None, 0
+    state = checkpoint_state(resume_from) if resume_from else None
+    done = state["epoch"] if state else 0
     for i, phase in enumerate(phases):
+        end = epoch + phase.epochs
+        if done > end:  # finished before the checkpoint's phase
+            epoch = end
+            continue
+        restoring = state is not None and epoch < done <= end
         blocks = set_backbone_trainable(model, phase.backbone_blocks, phase.train_batchnorm)
-        start_step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer else 0
+        # Step counts at a phase's start: epochs so far times batches per epoch, as the run made them.
+        start_step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer else epoch * len(train_batches)
         previous, optimizer = optimizer, keras.optimizers.Adam(
             phase_learning_rate(phase, len(train_batches), start_step)
         )
         model.compile(optimizer=optimizer, loss=loss,
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         optimizer.build(model.trainable_variables)
+        if restoring:
+            model.load_weights(resume_from)  # weights and this phase's optimizer state
+            restore_seed_states(model, state["seed_states"])
+            log(f"Resumed after epoch {done} (phase {phase.name}) from {resume_from}")
+            if done == end:  # the checkpoint closed this phase: the next one starts afresh
+                epoch = end
+                continue
+            previous = None
         carried = carry_optimizer_state(previous, optimizer) if previous else 0
         for callback in callbacks:
             if isinstance(callback, StabilityMonitor):
@@ -103,18 +124,26 @@ def fit_phases(
         phase_history = model.fit(
             train_batches,
             validation_data=val_batches,
-            initial_epoch=epoch,
-            epochs=epoch + phase.epochs,
+            initial_epoch=done if restoring else epoch,
+            epochs=end,
             shuffle=False,  # The order is the pipeline's own seeded permutation.
-            callbacks=[*callbacks, keras.callbacks.CSVLogger(str(history_csv), append=i > 0)],
+            callbacks=_before_checkpoints(
+                callbacks, keras.callbacks.CSVLogger(str(history_csv), append=i > 0 or done > 0)),
             verbose=verbose,
         ).history
         for key, values in phase_history.items():
             history[key] += values
-        epoch += len(phase_history.get("loss", []))
+        epoch = (done if restoring else epoch) + len(phase_history.get("loss", []))
         if model.stop_training:
             break
     return dict(history)
+
+
+def _before_checkpoints(callbacks: list, csv_logger) -> list:
+    """history.csv gets its row before the checkpoint is written, so a resume finds a row for
+    every checkpointed epoch (and drops one written just before a crash)."""
+    at = next((k for k, c in enumerate(callbacks) if isinstance(c, Checkpoints)), len(callbacks))
+    return [*callbacks[:at], csv_logger, *callbacks[at:]]
 
 
 def _describe_blocks(blocks: list[str], requested: int | None) -> str:
@@ -142,13 +171,15 @@ def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str], lea
     return reports
 
 
-def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print) -> dict:
+def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print,
+                 resume: bool = False) -> dict:
     """Trains the classifier as `cfg` says and fills the run directory.
 
     Writes config.json, initial.weights.h5, history.csv, last.weights.h5, best.weights.h5,
     stability.csv, stability.png, model.keras, skipped.txt and metrics.json; returns the
     metrics. Raises `DivergedError` on a non-finite loss (without writing the model or
-    the metrics; the checkpoints hold the last good epoch).
+    the metrics; the checkpoints hold the last good epoch). With `resume`, `cfg.out` is an
+    interrupted run of these options: it goes on after its last checkpointed epoch.
     """
     backend = keras.backend.backend()
     checked = checked or preflight(cfg)
@@ -172,29 +203,24 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
 
     determinism = enable_determinism() if cfg.deterministic else None
     keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.model_spec(), len(splits.classes), cfg.image_size, cfg.weights)
-    if cfg.init_weights:
+    last = run_dir / "last.weights.h5"
+    state = checkpoint_state(last) if resume else None
+    # Resuming, every variable comes from the checkpoint: the backbone's start does not matter.
+    model = build_model(cfg.model_spec(), len(splits.classes), cfg.image_size, "none" if resume else cfg.weights)
+    if cfg.init_weights and not resume:
         load_initial_weights(model, cfg.init_weights)
-    model.save_weights(run_dir / "initial.weights.h5")
     phases = plan_phases(cfg)
-
-    write_json(
-        run_dir / "config.json",
-        {
-            "options": dataclasses.asdict(cfg),
-            "phases": [dataclasses.asdict(p) for p in phases],
-            "classes": splits.classes,
-            "test_source": splits.test_source,
-            "counts": counts,
-            "skipped_files": len(skipped),
-            "dedup": {"dropped_training_images": len(splits.dropped), "test_images_with_a_training_twin":
-                      len(splits.leaked_test)} if cfg.dedup else None,
-            "ignored_files": len(splits.ignored),
-            "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
-            "deterministic": determinism,
-            "environment": environment(),
-        },
-    )
+    if resume:
+        done = state["epoch"]
+        for name in ("history.csv", "stability.csv"):  # rows past the checkpoint are redone
+            truncate_csv(run_dir / name, done)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["resumed"] = [*config.get("resumed", []), {"after_epoch": done, "environment": environment()}]
+        write_json(run_dir / "config.json", config)
+    else:
+        done = 0
+        model.save_weights(run_dir / "initial.weights.h5")
+        _write_config(run_dir, cfg, phases, splits, counts, skipped, cache, determinism)
 
     train_batches = training_batches(cfg, train, cache)
     val_batches = (
@@ -202,14 +228,15 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         if val else None
     )
     monitor = "val_accuracy" if val else "accuracy"
-    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, monitor)
-    stability = StabilityMonitor(*probe_batch(cfg, train, cache), run_dir)
-    history = fit_phases(
+    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, monitor, state)
+    stability = StabilityMonitor(*probe_batch(cfg, train, cache), run_dir, resume_epochs=done)
+    fit_phases(
         model, phases, train_batches, val_batches,
         # Order matters: the timer and the stability log add to the logs history.csv gets.
         [EpochSync(train_batches), EpochTimer(len(train)), guard, stability, checkpoints],
-        run_dir / "history.csv", cfg.verbose, log,
+        run_dir / "history.csv", cfg.verbose, log, resume_from=last if resume else None,
     )
+    history = read_history(run_dir)  # every epoch, also those before a resume
     if guard.event:
         raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
     model.save(run_dir / "model.keras")
@@ -253,6 +280,25 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     }))
     log(f"\nRun directory: {run_dir}")
     return metrics
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], splits, counts: dict, skipped: list,
+                  cache, determinism) -> None:
+    """config.json: every option, the phases, the data and the environment of the run."""
+    write_json(run_dir / "config.json", {
+        "options": dataclasses.asdict(cfg),
+        "phases": [dataclasses.asdict(p) for p in phases],
+        "classes": splits.classes,
+        "test_source": splits.test_source,
+        "counts": counts,
+        "skipped_files": len(skipped),
+        "dedup": {"dropped_training_images": len(splits.dropped),
+                  "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.dedup else None,
+        "ignored_files": len(splits.ignored),
+        "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
+        "deterministic": determinism,
+        "environment": environment(),
+    })
 
 
 def _record_dedup(run_dir: Path, splits, test_count: int, log: Callable[[str], None]) -> None:

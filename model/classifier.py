@@ -36,10 +36,14 @@ def build_backbone(
     return keras.Model(resnet.input, resnet.get_layer(CUT_LAYERS[cut]).output, name=BACKBONE_NAME)
 
 
-def classification_head(x, num_classes: int, dropout: float):
-    """Global average pooling, dropout and the logits layer."""
+def classification_head(x, num_classes: int, dropout: float, dropout_seed: int | None = None):
+    """Global average pooling, dropout and the logits layer.
+
+    With `dropout_seed`, the masks come from a seeded Keras generator on every backend
+    (unseeded, torch draws them from its global RNG, which no checkpoint holds).
+    """
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.Dropout(dropout, seed=dropout_seed, name="dropout")(x)
     return keras.layers.Dense(num_classes, name="logits")(x)
 
 
@@ -50,6 +54,7 @@ def build_classifier(
     freeze: str = "none",
     dropout: float = 0.2,
     bn_momentum: float | None = None,
+    dropout_seed: int | None = None,
 ) -> keras.Model:
     """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss).
 
@@ -63,12 +68,13 @@ def build_classifier(
             BatchNormalization (Keras' ResNet50 uses 0.99; torchvision's
             equivalent is 0.9). A lower value lets the inference statistics
             catch up in short runs from random weights.
+        dropout_seed: seed of the dropout masks (see `classification_head`).
     """
     if freeze not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
     backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum)
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    logits = classification_head(backbone(inputs), num_classes, dropout)
+    logits = classification_head(backbone(inputs), num_classes, dropout, dropout_seed)
     model = keras.Model(inputs, logits, name="resnet50_classifier")
     if freeze == "backbone":
         set_backbone_trainable(model, 0)  # the schedule's own switch (BatchNorm to inference mode)

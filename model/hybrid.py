@@ -40,6 +40,7 @@ def build_hybrid(
     se: bool = True,
     dropout: float = 0.2,
     bn_momentum: float | None = None,
+    dropout_seed: int | None = None,
 ) -> keras.Model:
     """ResNet50 up to `cut` (`conv3`, `conv4` or `conv5`) and a custom CNN head; outputs logits.
 
@@ -55,5 +56,5 @@ def build_hybrid(
     x = backbone(inputs)
     for i in range(1, head_blocks + 1):
         x = conv_block(x, head_filters, f"head_block{i}", se)
-    logits = classification_head(x, num_classes, dropout)
+    logits = classification_head(x, num_classes, dropout, dropout_seed)
     return keras.Model(inputs, logits, name=f"hybrid_{cut}")

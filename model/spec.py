@@ -29,6 +29,7 @@ class ModelSpec:
     se: bool = True
     dropout: float = 0.2
     bn_momentum: float | None = None
+    dropout_seed: int | None = None  # a training run passes its --seed
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -50,10 +51,11 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str
 
         return build_hybrid(
             num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
-            spec.dropout, spec.bn_momentum,
+            spec.dropout, spec.bn_momentum, spec.dropout_seed,
         )
     from model.classifier import build_classifier
 
     return build_classifier(
-        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum
+        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum,
+        dropout_seed=spec.dropout_seed,
     )

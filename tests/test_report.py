@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.compare import plot_curves, read_history, summarise, summary_row
+from engine.compare import plot_curves, summarise, summary_row
 from engine.inference import RunError
 from engine.report import build_report, markdown_html, resolve_run_dir
+from engine.rundir import read_history
 from tests.conftest import active_backend
 from tests.test_cli import run_cli
 
