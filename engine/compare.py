@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.backend import backend_subprocess_env
 from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
-from engine.rundir import read_history, write_json
+from engine.rundir import checkpoint_state, read_history, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights")
@@ -67,8 +67,9 @@ def plan_runs(backends: tuple[str, ...], factors: dict[str, list[str]], seeds: l
     return runs
 
 
-def train_command(options: dict, run: Run, init_weights: Path, out: Path, deterministic: bool) -> list[str]:
-    """The `cli.py train` command line of one run."""
+def train_command(options: dict, run: Run, init_weights: Path, out: Path, deterministic: bool,
+                  resume: bool = False) -> list[str]:
+    """The `cli.py train` command line of one run (`--resume`: continue it in `out`)."""
     args = [sys.executable, str(ROOT / "cli.py"), "train"]
     fixed = dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights), out=str(out))
     for name, value in fixed.items():
@@ -85,7 +86,17 @@ def train_command(options: dict, run: Run, init_weights: Path, out: Path, determ
             args += [flag, str(value)]
     if deterministic:
         args.append("--deterministic")
+    if resume:
+        args += ["--resume", str(out)]
     return args
+
+
+def _resumable(run_dir: Path) -> bool:
+    last = run_dir / "last.weights.h5"
+    try:
+        return last.is_file() and checkpoint_state(last) is not None
+    except OSError:  # a checkpoint cut short by the interruption
+        return False
 
 
 def summary_row(metrics: dict) -> dict[str, float | None]:
@@ -328,9 +339,10 @@ def run_compare(
         if (run_dir / "metrics.json").exists():
             log(f"{header}: done earlier, reusing {run_dir}")
         else:
-            if run_dir.exists():  # An interrupted run: start it again from scratch.
+            resume = _resumable(run_dir)  # interrupted after an epoch: go on from there
+            if run_dir.exists() and not resume:  # interrupted before: start again
                 shutil.rmtree(run_dir)
-            command_line = train_command(options, run, init_files[start_point], run_dir, deterministic)
+            command_line = train_command(options, run, init_files[start_point], run_dir, deterministic, resume)
             log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
             start = time.perf_counter()
             code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
