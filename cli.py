@@ -300,6 +300,25 @@ def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, wo
     click.echo(f"\nWrote {out} ({len(report['groups'])} groups with their files) in {report['seconds']} s")
 
 
+@cli.command()
+@click.option("--dest", default=None, type=click.Path(file_okay=False), help="Folder to download into (default: kagglehub's cache, ~/.cache/kagglehub).")
+@click.option("--dataset", default="masoudnickparvar/brain-tumor-mri-dataset", show_default=True, help="Kaggle dataset handle (owner/name[/versions/N]).")
+def download(dest: str | None, dataset: str) -> None:
+    """Fetch the Kaggle Brain Tumor MRI Dataset with kagglehub and check its layout."""
+    from data.discovery import DatasetError
+    from data.download import DownloadError
+    from data.download import download as fetch
+
+    try:
+        root, notes = fetch(dataset, dest)
+    except (DownloadError, DatasetError) as e:
+        raise UserError(str(e)) from None
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"Dataset ready: {root} ({'layout and class counts as published' if not notes else 'see the warnings'})")
+    click.echo(f"Train on it: python cli.py train --data-dir {root}")
+
+
 @cli.command("pipeline-hash")
 @data_options
 @click.option("--epoch", default=0, show_default=True, type=click.IntRange(0))
