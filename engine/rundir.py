@@ -33,7 +33,8 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
 
 
 def read_history(run_dir: str | Path) -> dict[str, list[float]]:
-    """history.csv as {column: [value per epoch]} (NaN for an empty cell; {} without the file)."""
+    """history.csv as {column: [value per epoch]} (NaN for an empty or `NA` cell, which Keras'
+    CSVLogger writes for validation columns of a run without validation; {} without the file)."""
     path = Path(run_dir) / "history.csv"
     if not path.exists():
         return {}
@@ -41,7 +42,7 @@ def read_history(run_dir: str | Path) -> dict[str, list[float]]:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
-    return {k: [float(r[k]) if r[k] not in ("", None) else float("nan") for r in rows] for k in rows[0]}
+    return {k: [float(r[k]) if r[k] not in ("", "NA", None) else float("nan") for r in rows] for k in rows[0]}
 
 
 def truncate_csv(path: Path, rows: int) -> None:

@@ -35,12 +35,12 @@ def test_rgba_is_composited_over_black(tmp_path):
 
 
 def test_sixteen_bit_png_is_scaled_to_eight_bits(tmp_path):
-    pixels = np.array([[0, 257, 65535, 32896]], dtype=np.uint16).repeat(4, axis=0)
+    pixels = np.array([[0, 257, 65535, 32896]], dtype=np.uint16).repeat(8, axis=0).repeat(2, axis=1)
     path = tmp_path / "d.png"
     Image.fromarray(pixels).save(path)
     assert Image.open(path).mode.startswith("I")
-    out = decode_and_resize(str(path), 4)
-    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 255, 128])
+    out = decode_and_resize(str(path), 8)
+    np.testing.assert_array_equal(out[0, ::2, 0], [0, 1, 255, 128])
 
 
 def test_cmyk_jpeg_and_palette_gif_become_rgb(tmp_path):
