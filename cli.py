@@ -80,7 +80,8 @@ def data_options(fn):
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order, augmentation and model randomness."),
         click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader threads (0: load in the training thread)."),
         click.option("--cache/--no-cache", default=True, show_default=True, help="Keep decoded images in memory (n * size^2 * 3 bytes)."),
-        click.option("--dedup/--no-dedup", default=False, show_default=True, help="Drop from training every image with an exact or near twin in the test set, keep one of each duplicate group; report test accuracy on the leakage-free test subset too."),
+        click.option("--dedup/--no-dedup", default=False, show_default=True, help="Drop from training every image with an exact or near twin in the test set, keep one of each duplicate group (none of an image under two labels); write leakage.json."),
+        click.option("--leakage-report/--no-leakage-report", default=False, show_default=True, help="Find the test images with a twin in the training pool without dropping anything; metrics add the accuracy on the test images with no twin (with --dedup too)."),
         click.option("--dedup-max-distance", default=10, show_default=True, type=click.IntRange(0, 64), help="--dedup: dHash distance (bits) of a candidate near pair (see `audit`)."),
         click.option("--dedup-min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="--dedup: thumbnail correlation that confirms a near pair."),
     ]
@@ -276,16 +277,20 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 @click.option("--min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
 @click.option("--out", default="audit.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write every group with its files.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
-@_user_errors
 def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
     """Find exact and near duplicate images, within and across splits, and label conflicts."""
     import time
+    from pathlib import Path
 
     from data.audit import audit_dataset, format_audit, list_dataset
+    from data.discovery import DatasetError
     from engine.rundir import write_json
 
     start = time.perf_counter()
-    total = len(list_dataset(data_dir)[0])
+    try:
+        total = len(list_dataset(data_dir)[0])
+    except DatasetError as e:
+        raise UserError(str(e)) from None
     with click.progressbar(length=total, label="Hashing images", file=sys.stderr) as bar:
         done = [0]
 
@@ -295,6 +300,7 @@ def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, wo
 
         report = audit_dataset(data_dir, max_distance, min_correlation, workers, progress)
     report["seconds"] = round(time.perf_counter() - start, 1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     click.echo(format_audit(report))
     click.echo(f"\nWrote {out} ({len(report['groups'])} groups with their files) in {report['seconds']} s")
@@ -560,6 +566,8 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
     if class_name is not None and class_name not in run.classes:
         raise UserError(f"--class {class_name!r}: the model's classes are {', '.join(run.classes)}")
     files = [str(f) for p in paths for f in files_under(p)]
+    if not files:
+        raise UserError(f"no files found under {', '.join(paths)}")
     out_dir = prepare_run_dir(out, "gradcam")
     rows = explain_files(run, files, Path(out_dir), class_name)
     layer, tensor = cam_layer(run.model)

@@ -308,12 +308,15 @@ class Deduplication:
 
 
 def deduplicate(train: list, test: list, max_distance: int = DEFAULT_MAX_DISTANCE,
-                min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = 2) -> Deduplication:
-    """Drops from `train` (examples with a `.path`) every image with an exact or near twin in
-    `test`, and keeps one image of each duplicate group inside `train` (the first by path).
-    Unreadable files are left for the loader to skip and report."""
+                min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = 2, drop: bool = True) -> Deduplication:
+    """Finds the test images with an exact or near twin in `train` (examples with `.path` and
+    `.label`). With `drop`, also drops from `train` every such twin, keeps one image of each
+    duplicate group inside `train` (the first in order), and drops all copies of an image that
+    `train` holds under different labels. Unreadable files are left for the loader to skip
+    and report."""
     prints, _ = fingerprints([e.path for e in train] + [e.path for e in test], workers)
     in_test = {e.path for e in test}
+    label = {e.path: e.label for e in train}
     dropped: dict[str, str] = {}
     leaked: set[str] = set()
     for group in duplicate_groups(prints, max_distance, min_correlation):
@@ -323,7 +326,11 @@ def deduplicate(train: list, test: list, max_distance: int = DEFAULT_MAX_DISTANC
         if tests and trains:
             leaked.update(tests)
             dropped.update({p: f"{group.kind} twin of test image {tests[0]}" for p in trains})
+        elif len({label[p] for p in trains}) > 1:  # which label is right is unknown: keep none
+            dropped.update({p: f"{group.kind} copies under different labels: {', '.join(trains)}" for p in trains})
         elif len(trains) > 1:
             dropped.update({p: f"{group.kind} duplicate of {trains[0]}" for p in trains[1:]})
+    if not drop:
+        return Deduplication(list(train), [], sorted(leaked))
     kept = [e for e in train if e.path not in dropped]
     return Deduplication(kept, sorted(dropped.items()), sorted(leaked))

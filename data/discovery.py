@@ -173,6 +173,7 @@ def stratified_split(
 def make_splits(
     data_dir: str | Path, val_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
     dedup: bool = False, max_distance: int | None = None, min_correlation: float | None = None,
+    find_twins: bool = False,
 ) -> Splits:
     """Discovers the dataset and builds the train/val/test splits.
 
@@ -180,7 +181,8 @@ def make_splits(
     held out before the validation split is taken from the rest. With `dedup`, the
     rest loses every image with an exact or near twin in the test set and keeps one
     image of each duplicate group (see `data.audit.deduplicate`) before the
-    validation split is drawn.
+    validation split is drawn. `dedup` or `find_twins` list the test images that
+    have a twin in the rest (`leaked_test`).
     """
     classes, train, test, ignored = discover(data_dir)
     if test is not None:
@@ -193,13 +195,14 @@ def make_splits(
     else:
         test, source = [], "none (no Testing/ folder and --test-split 0)"
     dropped, leaked = [], []
-    if dedup:
+    if dedup or find_twins:
         from data import audit
 
         result = audit.deduplicate(
             train, test,
             audit.DEFAULT_MAX_DISTANCE if max_distance is None else max_distance,
             audit.DEFAULT_MIN_CORRELATION if min_correlation is None else min_correlation,
+            drop=dedup,
         )
         train, dropped, leaked = result.kept, result.dropped, result.leaked_test
     train, val = stratified_split(train, val_split, seed, tag=_VAL_TAG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def download(handle: str = DATASET, dest: str | Path | None = None, timeout: flo
         import kagglehub
     except ImportError:
         raise DownloadError("kagglehub is not installed (pip install kagglehub)") from None
-    check_reachable(timeout=timeout)
+    if not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "KAGGLE_API_ENDPOINT")):
+        check_reachable(timeout=timeout)  # a direct connection is what a proxy-less machine would use
     try:
         path = kagglehub.dataset_download(handle, output_dir=str(dest) if dest else None)
     except Exception as e:  # kagglehub raises HTTP, auth and I/O errors of many types

@@ -244,6 +244,12 @@ def missing_export_module(format: str) -> str | None:
     return module if module and importlib.util.find_spec(module) is None else None
 
 
+def backends_that_export(format: str) -> list[str]:
+    """The backends that can export `format` with what is installed here."""
+    return [backend for (f, backend), module in _EXPORT_NEEDS.items()
+            if f == format and (module is None or importlib.util.find_spec(module) is not None)]
+
+
 def deterministic_environment() -> dict[str, str]:
     """Environment variables deterministic mode needs, set before the backend is imported."""
     flags = os.environ.get("XLA_FLAGS", "")

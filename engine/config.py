@@ -61,6 +61,7 @@ class TrainConfig:
     workers: int = 2
     cache: bool = True
     dedup: bool = False
+    leakage_report: bool = False
     dedup_max_distance: int = DEFAULT_MAX_DISTANCE
     dedup_min_correlation: float = DEFAULT_MIN_CORRELATION
     deterministic: bool = False
@@ -81,10 +82,17 @@ class TrainConfig:
         if self.freeze == "backbone" and self.unfreeze_blocks:
             raise ConfigError("--freeze backbone and --unfreeze-blocks contradict each other; give one")
 
-    def splits(self) -> Splits:
-        """The train/val/test splits these options make (deduplicated with --dedup)."""
+    @property
+    def finds_twins(self) -> bool:
+        """Whether the run looks for test images with a twin in Training (--dedup, --leakage-report)."""
+        return self.dedup or self.leakage_report
+
+    def splits(self, twins: bool = True) -> Splits:
+        """The train/val/test splits these options make (deduplicated with --dedup; with
+        `twins` False, without the duplicate search, e.g. to check the layout quickly)."""
         return make_splits(self.data_dir, self.val_split, self.test_split, self.split_seed,
-                           self.dedup, self.dedup_max_distance, self.dedup_min_correlation)
+                           self.dedup and twins, self.dedup_max_distance, self.dedup_min_correlation,
+                           find_twins=self.leakage_report and twins)
 
     def augment_config(self) -> AugmentConfig:
         if self.augment == "none":
@@ -120,7 +128,15 @@ def resume_config(run_dir: str | Path) -> TrainConfig | None:
         raise ConfigError(f"--resume {run_dir}: {last} is not readable ({e})") from None
     if state is None:
         raise ConfigError(f"--resume {run_dir}: {last} holds no training state (written before --resume existed)")
-    options = json.loads((run_dir / "config.json").read_text())["options"]
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        options = config["options"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--resume {run_dir}: config.json is not readable ({e})") from None
+    trained_under = config.get("environment", {}).get("backend")
+    if trained_under and trained_under != selected_backend():
+        raise ConfigError(f"--resume {run_dir}: the run trained under {trained_under}; resume it with "
+                          f"KERAS_BACKEND={trained_under} (a run that switches backends measures neither)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
     return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
@@ -142,10 +158,12 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> Preflight:
     """
     cfg.augment_config()
     cfg.check_schedule()
-    splits = cfg.splits()
+    splits = cfg.splits(twins=False)  # the layout, in a second
     if not resume:
         resolve_backbone_weights(cfg.weights)
         if cfg.init_weights:
             check_weights_file(Path(cfg.init_weights), "--init-weights file")
     run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
+    if cfg.finds_twins:  # decodes every image: only once everything else is known to be fine
+        splits = cfg.splits()
     return Preflight(run_dir, splits)

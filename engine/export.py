@@ -16,14 +16,13 @@ import keras
 import numpy as np
 
 from data.augment import normalize
-from engine.backend import missing_export_module
+from engine.backend import backends_that_export, missing_export_module
 from engine.inference import TrainedRun, read_images, split_examples
 from engine.rundir import write_json
 
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
 # Exported probabilities against Keras' (measured on CPU: <= 1e-6).
 PROBABILITY_ATOL = 1e-4
-_OTHER_BACKENDS = {"onnx": "torch or tensorflow", "savedmodel": "tensorflow or jax"}
 
 
 class ExportError(RuntimeError):
@@ -47,7 +46,7 @@ def check_supported(format: str) -> None:
         raise ExportUnsupportedError(
             f"--format {format} under the {backend} backend needs the {missing!r} module, which is not "
             f"installed; model.keras is backend-neutral, so export it under KERAS_BACKEND="
-            f"{_OTHER_BACKENDS[format]}, or pip install {missing.replace('_', '-')}"
+            f"{' or '.join(backends_that_export(format)) or '(none here)'}, or pip install {missing.replace('_', '-')}"
         )
 
 
@@ -105,7 +104,11 @@ def export_run(run: TrainedRun, format: str, out: Path | None = None, check_imag
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ExportError(f"Keras' {format} export failed under {keras.backend.backend()}: "
                           f"{type(e).__name__}: {reason}") from e
-    got = run_exported(out, format, inputs)
+    try:
+        got = run_exported(out, format, inputs)
+    except Exception as e:  # onnxruntime and the SavedModel loader raise their own types
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ExportError(f"the exported {out} could not be run: {type(e).__name__}: {reason}") from e
     difference = float(np.abs(got - expected).max())
     record = {
         "format": format, "path": str(out), "backend": keras.backend.backend(), "checkpoint": run.checkpoint,

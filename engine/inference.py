@@ -18,7 +18,6 @@ from data.discovery import DatasetError, Example, files_under, list_split, make_
 from engine.metrics import softmax
 from engine.rundir import RunError
 
-CHECKPOINTS = ("final", "best", "last")
 PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
 
@@ -75,19 +74,25 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
         kept = [p.name for p in (run_dir / "best.weights.h5", run_dir / "last.weights.h5") if p.exists()]
         raise RunError(f"{run_dir} has no model.keras: the run did not finish (interrupted or diverged)"
                        + (f"; it kept {', '.join(kept)}" if kept else ""))
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+        classes, options = list(config["classes"]), config["options"]
+        image_size, preprocess = int(options["image_size"]), options["preprocess"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{config_path} is not a readable run config ({type(e).__name__}: {e})") from None
     model = load_model_file(model_path)
     if checkpoint != "final":
         weights = run_dir / f"{checkpoint}.weights.h5"
         if not weights.is_file():
             raise RunError(f"{weights} does not exist")
-        with warnings.catch_warnings():
-            # The checkpoint also holds its optimizer; only the model's weights are wanted.
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model.load_weights(weights)
-    options = config["options"]
-    return TrainedRun(run_dir, model, checkpoint, list(config["classes"]), int(options["image_size"]),
-                      options["preprocess"], options)
+        try:
+            with warnings.catch_warnings():
+                # The checkpoint also holds its optimizer; only the model's weights are wanted.
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(weights)
+        except (ValueError, OSError, KeyError) as e:
+            raise RunError(f"{weights} does not fit {model_path} ({type(e).__name__}: {e})") from None
+    return TrainedRun(run_dir, model, checkpoint, classes, image_size, preprocess, options)
 
 
 def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> tuple[list[Example], str]:
@@ -97,8 +102,10 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
     data_dir = Path(data_dir or run.options["data_dir"])
     if split in SPLITS:
         opts = run.options
+        # --dedup changes what is left of the training pool, never the test split.
+        dedup = bool(opts.get("dedup")) and split != "test"
         splits = make_splits(data_dir, opts["val_split"], opts["test_split"], opts["split_seed"],
-                             opts.get("dedup", False), opts.get("dedup_max_distance"), opts.get("dedup_min_correlation"))
+                             dedup, opts.get("dedup_max_distance"), opts.get("dedup_min_correlation"))
         _check_classes(run, splits.classes, data_dir)
         examples = getattr(splits, split)
         if not examples:
@@ -190,6 +197,7 @@ def write_predictions_csv(rows: list[Prediction], classes: list[str], path: str 
     """One row per file: predicted class, confidence, each class' probability, the flag and any error."""
     import csv
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "predicted", "confidence", *(f"p_{c}" for c in classes), "low_confidence", "error"])

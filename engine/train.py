@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -166,7 +167,7 @@ def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str], lea
         "test": classification_report(*_predict(model, test, cfg, cache), classes) if test else None,
     }
     clean = [e for e in test if e.path not in leaked]
-    if cfg.dedup and clean:  # the test images whose twins were not in Training
+    if cfg.finds_twins and clean:  # the test images with no twin in the training pool
         reports["test_leakage_free"] = classification_report(*_predict(model, clean, cfg, cache), classes)
     return reports
 
@@ -182,7 +183,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     interrupted run of these options: it goes on after its last checkpointed epoch.
     """
     backend = keras.backend.backend()
-    checked = checked or preflight(cfg)
+    checked = checked or preflight(cfg, resume=resume)
     run_dir, splits = checked.run_dir, checked.splits
     log(f"Run directory: {run_dir}")
     log(f"Backend: {backend}; classes: {', '.join(splits.classes)}; test set: {splits.test_source}")
@@ -197,8 +198,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
     if not train:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
-    if cfg.dedup:
-        _record_dedup(run_dir, splits, len(test), log)
+    if cfg.finds_twins:
+        _record_leakage(run_dir, cfg, splits, len(test), log)
     counts = dataclasses.replace(splits, train=train, val=val, test=test).counts()
 
     determinism = enable_determinism() if cfg.deterministic else None
@@ -212,9 +213,15 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     phases = plan_phases(cfg)
     if resume:
         done = state["epoch"]
+        config = json.loads((run_dir / "config.json").read_text())
+        if config.get("counts") not in (None, counts):
+            raise DatasetError(f"--resume: the data changed since the run started (images per split and class "
+                               f"were {config['counts']}, now {counts}); start a new run")
+        best = run_dir / "best.weights.h5"
+        if state["best_epoch"] == done and (not best.exists() or (checkpoint_state(best) or {}).get("epoch") != done):
+            shutil.copyfile(last, best)  # the crash came between the two files
         for name in ("history.csv", "stability.csv"):  # rows past the checkpoint are redone
             truncate_csv(run_dir / name, done)
-        config = json.loads((run_dir / "config.json").read_text())
         config["resumed"] = [*config.get("resumed", []), {"after_epoch": done, "environment": environment()}]
         write_json(run_dir / "config.json", config)
     else:
@@ -292,8 +299,8 @@ def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], splits, 
         "test_source": splits.test_source,
         "counts": counts,
         "skipped_files": len(skipped),
-        "dedup": {"dropped_training_images": len(splits.dropped),
-                  "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.dedup else None,
+        "leakage": {"dropped_training_images": len(splits.dropped),
+                    "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.finds_twins else None,
         "ignored_files": len(splits.ignored),
         "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
         "deterministic": determinism,
@@ -301,16 +308,19 @@ def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], splits, 
     })
 
 
-def _record_dedup(run_dir: Path, splits, test_count: int, log: Callable[[str], None]) -> None:
-    """dedup.json: every training image --dedup dropped and why, and the leaked test images."""
+def _record_leakage(run_dir: Path, cfg: TrainConfig, splits, test_count: int, log: Callable[[str], None]) -> None:
+    """leakage.json: the test images with a twin in the training pool, and every training
+    image --dedup dropped and why."""
     twins = sum("twin of test image" in why for _, why in splits.dropped)
-    write_json(run_dir / "dedup.json", {
+    write_json(run_dir / "leakage.json", {
+        "dedup": cfg.dedup,
+        "test_images_with_a_training_twin": splits.leaked_test,
         "dropped": [{"path": p, "why": why} for p, why in splits.dropped],
-        "leaked_test_images": splits.leaked_test,
     })
-    log(f"--dedup: dropped {len(splits.dropped)} training images ({twins} twins of test images, "
-        f"{len(splits.dropped) - twins} copies inside Training); {len(splits.leaked_test)} of {test_count} "
-        f"test images had a twin in Training (list in {run_dir / 'dedup.json'})")
+    log(f"{len(splits.leaked_test)} of {test_count} test images have a twin in the training pool"
+        + (f"; --dedup dropped {len(splits.dropped)} training images ({twins} twins of test images, "
+           f"{len(splits.dropped) - twins} copies inside Training)" if cfg.dedup else "")
+        + f" (list in {run_dir / 'leakage.json'})")
 
 
 def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> str:

@@ -117,17 +117,24 @@ def test_dedup_drops_training_twins_of_test_images_and_collapses_groups(planted)
     splits = make_splits(root, val_split=0.0, dedup=True)
     plain = make_splits(root, val_split=0.0)
     dropped = dict(splits.dropped)
-    leak_source = next(iter(twins[str(root / "Testing" / "pituitary" / "leak.jpg")]))
-    assert "twin of test image" in dropped[leak_source]
-    assert splits.leaked_test == [str(root / "Testing" / "pituitary" / "leak.jpg")]
-    # Each training group keeps one member; the test split is untouched.
-    assert len(dropped) == len(twins) and [e.path for e in splits.test] == [e.path for e in plain.test]
+    leak = str(root / "Testing" / "pituitary" / "leak.jpg")
+    assert "twin of test image" in dropped[next(iter(twins[leak]))]
+    assert splits.leaked_test == [leak]
+    # The test split is untouched; each training group keeps one member, except the image
+    # held under two labels, of which none is kept.
+    assert [e.path for e in splits.test] == [e.path for e in plain.test]
+    conflict = str(root / "Training" / "glioma" / "conflict.jpg")
+    assert "different labels" in dropped[conflict] and "different labels" in dropped[next(iter(twins[conflict]))]
     kept = {e.path for e in splits.train}
     for copy, sources in twins.items():
-        if "Testing" not in copy:
+        if copy not in (leak, conflict):
             assert len(({copy} | sources) & kept) == 1
+    assert len(dropped) == len(twins) + 1
     result = deduplicate(plain.train, [])  # no test set: collapse only
-    assert not result.leaked_test and len(result.dropped) == len(twins) - 1
+    assert not result.leaked_test and len(result.dropped) == len(twins)
+    # --leakage-report: the same twins found, nothing dropped.
+    report = make_splits(root, val_split=0.0, find_twins=True)
+    assert report.leaked_test == [leak] and not report.dropped and report.train == plain.train
 
 
 def test_audit_command_writes_the_report_and_refuses_a_missing_folder(planted, tmp_path):
@@ -143,7 +150,7 @@ def test_audit_command_writes_the_report_and_refuses_a_missing_folder(planted, t
 
 @pytest.mark.slow
 @pytest.mark.skipif(active_backend() != "torch", reason="one short training run; runs in the torch pass")
-def test_train_with_dedup_reports_the_leakage_free_test_subset(planted, tmp_path):
+def test_train_with_dedup_reports_the_test_images_without_a_twin(planted, tmp_path):
     root, twins = planted
     out = tmp_path / "run"
     result = run_cli("train", "--data-dir", str(root), "--dedup", "--image-size", "32", "--batch-size", "16",
@@ -152,7 +159,7 @@ def test_train_with_dedup_reports_the_leakage_free_test_subset(planted, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["count"] == 17 and metrics["test_leakage_free"]["count"] == 16
     assert metrics["best"]["test_leakage_free"]["count"] == 16
-    assert "| Test Accuracy (leakage-free) |" in result.output
-    record = json.loads((out / "dedup.json").read_text())
-    assert len(record["dropped"]) == len(twins) and len(record["leaked_test_images"]) == 1
+    assert "| Test Accuracy (no twin in Training) |" in result.output
+    record = json.loads((out / "leakage.json").read_text())
+    assert len(record["dropped"]) == len(twins) + 1 and len(record["test_images_with_a_training_twin"]) == 1
     assert json.loads((out / "config.json").read_text())["counts"]["train"] != make_splits(root).counts()["train"]

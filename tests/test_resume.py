@@ -5,6 +5,7 @@ bit also show that deterministic mode is deterministic."""
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,14 @@ def test_resume_says_what_it_cannot_do(trained_run, tmp_path):
     assert result.exit_code == 2 and "no epoch finished there" in result.output
     result = run_cli("train", "--data-dir", str(tmp_path), "--resume", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "not a run directory" in result.output
+    moved = tmp_path / "other-backend"
+    shutil.copytree(trained_run, moved)
+    (moved / "metrics.json").unlink()
+    config = json.loads((moved / "config.json").read_text())
+    config["environment"]["backend"] = next(b for b in ("torch", "jax") if b != active_backend())
+    (moved / "config.json").write_text(json.dumps(config))
+    result = run_cli("train", "--data-dir", str(tmp_path), "--resume", str(moved))
+    assert result.exit_code == 2 and f"resume it with KERAS_BACKEND={config['environment']['backend']}" in result.output
 
 
 def test_compare_resumes_an_interrupted_backend_and_restarts_one_without_a_checkpoint(trained_run, tmp_path):
