@@ -83,7 +83,8 @@ def fit_phases(
     training (the non-finite loss guard) also ends the schedule. With `resume_from` (a
     `last.weights.h5` of this run), the phases before its epoch are skipped, the phase it
     was saved in is rebuilt and loaded with its weights, optimizer state and generators,
-    and training goes on from the next epoch.
+    and training goes on from the next epoch. Returns the history of the epochs it ran
+    (history.csv holds all of them).
     """
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     history: dict[str, list[float]] = defaultdict(list)
