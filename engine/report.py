@@ -247,7 +247,7 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
     labels = np.array([e.label for e in readable])
     wrong = [int(i) for i in np.argsort(-probabilities.max(1)) if predicted[i] != labels[i]]
     right = [int(i) for i in np.flatnonzero(predicted == labels)]
-    chosen = wrong[: samples // 2] or []
+    chosen = wrong[: samples // 2]
     chosen += right[:: max(1, len(right) // max(1, samples - len(chosen)))][: samples - len(chosen)]
     chosen += [i for i in wrong if i not in chosen][: samples - len(chosen)]
     from data.augment import normalize
@@ -260,7 +260,7 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
         verdict = "MISCLASSIFIED" if predicted[i] != labels[i] else "correct"
         caption = (f"{Path(readable[i].path).name}: true {run.classes[labels[i]]}, predicted "
                    f"{run.classes[predicted[i]]} {p[predicted[i]]:.2f} ({verdict})")
-        figures.append(image_html(side_by_side(readable[i].path, cam, min(DISPLAY_SIZE, 224)), caption))
+        figures.append(image_html(side_by_side(readable[i].path, cam, DISPLAY_SIZE), caption))
     intro = (f"<p>{len(wrong)} of {len(readable)} test images ({_esc(source)}) misclassified. Grad-CAM of the "
              f"predicted class on <code>{_esc(layer)}</code> ({tensor.shape[1]}x{tensor.shape[2]} maps), "
              f"computed under the active backend; misclassified images first.</p>")
