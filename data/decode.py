@@ -14,6 +14,8 @@ from PIL import Image
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+# `read_image` refuses such images itself; Pillow's warning about them would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Smaller images hold no anatomy (a 1x1 "image" is a broken export): refused, not upscaled.
 MIN_SIDE = 8
 
@@ -56,14 +58,19 @@ def read_image(path: str) -> tuple[Image.Image, str]:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # A DecompressionBombWarning becomes an error: such an image is refused.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                mode = img.mode
-                img = _flatten(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        with Image.open(path) as img:
+            # Refused here, by size, rather than by turning Pillow's warning into an error:
+            # `warnings.catch_warnings` is not thread-safe, and the loader decodes in threads.
+            pixels = img.size[0] * img.size[1]
+            if pixels > Image.MAX_IMAGE_PIXELS:
+                raise DecodeError(f"refused as a possible decompression bomb: {img.size[0]}x{img.size[1]} = "
+                                  f"{pixels} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
+            img.load()
+            mode = img.mode
+            img = _flatten(img)
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
         raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(f"cannot decode: {e}") from None
