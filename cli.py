@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from model.spec import CUTS, MODELS  # Keras-free, like everything imported here
 
 # Quieter start-up for tensorflow; set before any backend import.
@@ -82,8 +83,8 @@ def data_options(fn):
         click.option("--cache/--no-cache", default=True, show_default=True, help="Keep decoded images in memory (n * size^2 * 3 bytes)."),
         click.option("--dedup/--no-dedup", default=False, show_default=True, help="Drop from training every image with an exact or near twin in the test set, keep one of each duplicate group (none of an image under two labels); write leakage.json."),
         click.option("--leakage-report/--no-leakage-report", default=False, show_default=True, help="Find the test images with a twin in the training pool without dropping anything; metrics add the accuracy on the test images with no twin (with --dedup too)."),
-        click.option("--dedup-max-distance", default=10, show_default=True, type=click.IntRange(0, 64), help="--dedup: dHash distance (bits) of a candidate near pair (see `audit`)."),
-        click.option("--dedup-min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="--dedup: thumbnail correlation that confirms a near pair."),
+        click.option("--dedup-max-distance", default=DEFAULT_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64), help="--dedup: dHash distance (bits) of a candidate near pair (see `audit`)."),
+        click.option("--dedup-min-correlation", default=DEFAULT_MIN_CORRELATION, show_default=True, type=click.FloatRange(-1, 1), help="--dedup: thumbnail correlation that confirms a near pair."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -273,8 +274,8 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 
 @cli.command()
 @click.option("--data-dir", required=True, type=click.Path(), help="Folder with Training/<class>/* and/or Testing/<class>/*.")
-@click.option("--max-distance", default=10, show_default=True, type=click.IntRange(0, 64), help="Candidate near pair: dHash (64 bits, of the content box) within this many bits.")
-@click.option("--min-correlation", default=0.95, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
+@click.option("--max-distance", default=DEFAULT_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64), help="Candidate near pair: dHash (64 bits, of the content box) within this many bits.")
+@click.option("--min-correlation", default=DEFAULT_MIN_CORRELATION, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
 @click.option("--out", default="audit.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write every group with its files.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
@@ -557,15 +558,14 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
     """Grad-CAM heatmaps on the last convolutional stage, saved as overlay PNGs."""
     from pathlib import Path
 
-    from data.discovery import files_under
     from engine.gradcam import cam_layer, explain_files
-    from engine.inference import load_run
+    from engine.inference import expand_paths, load_run
     from engine.rundir import prepare_run_dir
 
     run = load_run(run_dir, checkpoint)
     if class_name is not None and class_name not in run.classes:
         raise UserError(f"--class {class_name!r}: the model's classes are {', '.join(run.classes)}")
-    files = [str(f) for p in paths for f in files_under(p)]
+    files = expand_paths(paths)
     if not files:
         raise UserError(f"no files found under {', '.join(paths)}")
     out_dir = prepare_run_dir(out, "gradcam")

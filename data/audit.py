@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.decode import DecodeError, read_image
-from data.discovery import IMAGE_EXTENSIONS, TEST_DIR, TRAIN_DIR, DatasetError, files_under
+from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
 
 # Chosen from measurements on the real images (see the README, "Auditing a dataset").
 DEFAULT_MAX_DISTANCE = 10
@@ -222,14 +222,10 @@ def list_dataset(data_dir: str | Path) -> tuple[list[Item], dict[str, dict[str, 
         split_dir = root / split
         if not split_dir.is_dir():
             continue
-        counts[split] = {}
-        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-                                and p.name != "__MACOSX"):
-            files = files_under(class_dir)
-            images = [str(f) for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-            ignored += [str(f) for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
-            counts[split][class_dir.name] = len(images)
-            items += [Item(p, split, class_dir.name) for p in images]
+        files, skipped = scan_split(split_dir)
+        ignored += skipped
+        counts[split] = {name: len(images) for name, images in files.items()}
+        items += [Item(p, split, name) for name, images in files.items() for p in images]
     if not counts:
         raise DatasetError(f"{root} has neither {TRAIN_DIR}/ nor {TEST_DIR}/ (expected {root}/{TRAIN_DIR}/<class>/*.jpg)")
     return items, counts, ignored

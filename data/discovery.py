@@ -87,29 +87,29 @@ def files_under(path: str | Path) -> list[Path]:
     return [p for p in _walk_files(path) if not _is_hidden(p, path)]
 
 
-def list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """Lists the image files of each class folder of one split.
+def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """The image files of every class folder of one split, empty folders included.
 
     Returns `({class_name: [file, ...]}, ignored_files)`; files are sorted and
     hidden files, `__MACOSX` folders and non-image extensions are ignored.
     """
-    class_dirs = _class_dirs(split_dir)
-    if not class_dirs:
-        raise DatasetError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
     files: dict[str, list[str]] = {}
     ignored: list[str] = []
-    for class_dir in class_dirs:
-        found = []
-        for path in _walk_files(class_dir):
-            if _is_hidden(path, class_dir):
-                continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(str(path))
-            else:
-                ignored.append(str(path))
+    for class_dir in _class_dirs(split_dir):
+        found = files.setdefault(class_dir.name, [])
+        for path in files_under(class_dir):
+            (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(str(path))
+    return files, ignored
+
+
+def list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """`scan_split`, refusing a split without class folders or with an empty one."""
+    files, ignored = scan_split(split_dir)
+    if not files:
+        raise DatasetError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
+    for name, found in files.items():
         if not found:
-            raise DatasetError(f"class folder {class_dir} holds no image files")
-        files[class_dir.name] = found
+            raise DatasetError(f"class folder {split_dir / name} holds no image files")
     return files, ignored
 
 

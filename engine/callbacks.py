@@ -93,14 +93,17 @@ class Checkpoints(keras.callbacks.Callback):
             _copy_atomically(self.last, self.best)
 
 
+def _seed_variables(model: keras.Model) -> list:
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
 def seed_states(model: keras.Model) -> list[list]:
     """`[variable path, state]` of each random generator of the model (dropout's), in order."""
-    return [[v.path, np.asarray(keras.ops.convert_to_numpy(v)).tolist()]
-            for v in model.variables if v.path.endswith("seed_generator_state")]
+    return [[v.path, np.asarray(keras.ops.convert_to_numpy(v)).tolist()] for v in _seed_variables(model)]
 
 
 def restore_seed_states(model: keras.Model, states: list[list]) -> None:
-    variables = [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    variables = _seed_variables(model)
     if [v.path for v in variables] != [path for path, _ in states]:
         raise ValueError("the checkpoint's random generators do not match the model's")
     for variable, (_, value) in zip(variables, states, strict=True):

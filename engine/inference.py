@@ -148,10 +148,8 @@ def read_images(paths: list[str], size: int, workers: int = 2) -> tuple[np.ndarr
     def read(path: str):
         try:
             return decode_and_resize(path, size), None
-        except DecodeError as e:
+        except DecodeError as e:  # also a folder, a missing file, no permission
             return None, str(e)
-        except OSError as e:  # a folder, a missing file, no permission
-            return None, e.strerror or str(e)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(pool.map(read, paths))
@@ -160,11 +158,16 @@ def read_images(paths: list[str], size: int, workers: int = 2) -> tuple[np.ndarr
     return stacked, [error for _, error in results]
 
 
+def expand_paths(paths) -> list[str]:
+    """Files as given and every non-hidden file below the folders given (`files_under`)."""
+    return [str(f) for p in paths for f in files_under(p)]
+
+
 def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = 0.6,
                   batch_size: int = 32, workers: int = 2) -> list[Prediction]:
     """Predicts every file under `paths` (files or folders); unreadable files get an error
     and do not stop the others. A top probability below `threshold` is flagged."""
-    files = [str(f) for p in paths for f in files_under(p)]
+    files = expand_paths(paths)
     rows = []
     for start in range(0, len(files), PREDICT_CHUNK):  # bounded memory for large folders
         chunk = files[start : start + PREDICT_CHUNK]
