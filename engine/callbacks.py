@@ -83,12 +83,12 @@ class Checkpoints(keras.callbacks.Callback):
             return
         value = logs.get(self.monitor)
         improved = _finite(value) and float(value) > self.best_value
-        if improved:
-            self.best_value, self.best_epoch = float(value), epoch + 1
-        self.last_epoch = epoch + 1
-        state = {"epoch": epoch + 1, "best_epoch": self.best_epoch, "best_value": self.best_value,
+        best_value, best_epoch = (float(value), epoch + 1) if improved else (self.best_value, self.best_epoch)
+        state = {"epoch": epoch + 1, "best_epoch": best_epoch, "best_value": best_value,
                  "monitor": self.monitor, "seed_states": seed_states(self.model)}
         _save_weights(self.model, self.last, state)  # the one file a resume needs, written atomically
+        # Only now: if the write failed (e.g. a full disk), these still describe the files on disk.
+        self.last_epoch, self.best_value, self.best_epoch = epoch + 1, best_value, best_epoch
         if improved:
             _copy_atomically(self.last, self.best)
 
@@ -104,8 +104,10 @@ def seed_states(model: keras.Model) -> list[list]:
 
 def restore_seed_states(model: keras.Model, states: list[list]) -> None:
     variables = _seed_variables(model)
-    if [v.path for v in variables] != [path for path, _ in states]:
-        raise ValueError("the checkpoint's random generators do not match the model's")
+    # Matched by order: the paths carry a per-process counter (`seed_generator_1/...` for the
+    # second model built in one process), so they differ when a run resumes in-process.
+    if len(variables) != len(states):
+        raise ValueError(f"the checkpoint holds {len(states)} random generators, the model {len(variables)}")
     for variable, (_, value) in zip(variables, states, strict=True):
         variable.assign(np.asarray(value, dtype=keras.backend.standardize_dtype(variable.dtype)))
 
@@ -116,14 +118,20 @@ def _save_weights(model: keras.Model, path: Path, state: dict | None = None) -> 
     import h5py
 
     tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
-    model.save_weights(tmp)
-    if state is not None:
-        with h5py.File(tmp, "a") as f:
-            f.attrs["training_state"] = json.dumps(state)
-    os.replace(tmp, path)
+    try:
+        model.save_weights(tmp)
+        if state is not None:
+            with h5py.File(tmp, "a") as f:
+                f.attrs["training_state"] = json.dumps(state)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (e.g. a full disk) leaves no partial file
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
