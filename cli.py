@@ -251,11 +251,11 @@ def _train(options: dict) -> None:
         from engine.backend import deterministic_environment
 
         os.environ.update(deterministic_environment())  # XLA reads its flags at import.
-    from engine.train import DivergedError, run_training
+    from engine.train import DivergedError, RunStoppedError, run_training
 
     try:
         run_training(cfg, checked, resume=bool(resume))
-    except DivergedError as e:
+    except (DivergedError, RunStoppedError) as e:
         raise click.ClickException(str(e)) from None
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from collections import defaultdict
@@ -28,6 +30,10 @@ from model.structure import set_backbone_trainable
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite; training stopped and the last good weights were kept."""
+
+
+class RunStoppedError(RuntimeError):
+    """An OS error (a full disk, a lost mount) stopped the run; its last checkpoint is intact."""
 
 
 def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> tuple[list[Example], list]:
@@ -180,7 +186,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     Writes config.json, initial.weights.h5, history.csv, last.weights.h5, best.weights.h5,
     stability.csv, stability.png, model.keras, skipped.txt and metrics.json; returns the
     metrics. Raises `DivergedError` on a non-finite loss (without writing the model or
-    the metrics; the checkpoints hold the last good epoch). With `resume`, `cfg.out` is an
+    the metrics; the checkpoints hold the last good epoch) and `RunStoppedError` when an OS
+    error (e.g. a full disk) stops it (the last checkpoint stays whole). With `resume`, `cfg.out` is an
     interrupted run of these options: it goes on after its last checkpointed epoch.
     """
     backend = keras.backend.backend()
@@ -238,16 +245,18 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     monitor = "val_accuracy" if val else "accuracy"
     guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, monitor, state)
     stability = StabilityMonitor(*probe_batch(cfg, train, cache), run_dir, resume_epochs=done)
-    fit_phases(
-        model, phases, train_batches, val_batches,
-        # Order matters: the timer and the stability log add to the logs history.csv gets.
-        [EpochSync(train_batches), EpochTimer(len(train)), guard, stability, checkpoints],
-        run_dir / "history.csv", cfg.verbose, log, resume_from=last if resume else None,
-    )
+    with _os_errors_stop_the_run(checkpoints, run_dir):
+        fit_phases(
+            model, phases, train_batches, val_batches,
+            # Order matters: the timer and the stability log add to the logs history.csv gets.
+            [EpochSync(train_batches), EpochTimer(len(train)), guard, stability, checkpoints],
+            run_dir / "history.csv", cfg.verbose, log, resume_from=last if resume else None,
+        )
     history = read_history(run_dir)  # every epoch, also those before a resume
     if guard.event:
         raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
-    model.save(run_dir / "model.keras")
+    with _os_errors_stop_the_run(checkpoints, run_dir):
+        _save_model(model, run_dir / "model.keras")
 
     leaked = set(splits.leaked_test)
     final = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
@@ -281,7 +290,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
         "failed_during_training": [{"path": p, "reason": r} for p, r in train_batches.failed],
     }
-    write_json(run_dir / "metrics.json", metrics)
+    with _os_errors_stop_the_run(checkpoints, run_dir):
+        write_json(run_dir / "metrics.json", metrics)
     log("\n" + results_table({
         f"{backend} (final)": metrics,
         f"{backend} (best, epoch {best_epoch + 1})": metrics["best"],
@@ -330,6 +340,30 @@ def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> s
     return (f"non-finite loss ({event['loss']}) in epoch {event['epoch']}, batch {event['batch']}: training stopped; "
             f"{kept}; {run_dir / 'stability.csv'} shows the gradient norms and activations that led there "
             f"(try a lower learning rate)")
+
+
+@contextlib.contextmanager
+def _os_errors_stop_the_run(checkpoints: Checkpoints, run_dir: Path):
+    """Turns an OS error while training or writing the run (e.g. no space left on the
+    device) into `RunStoppedError`, saying which checkpoint is intact and how to go on."""
+    try:
+        yield
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        kept = (f"the last checkpoint ({checkpoints.last}, epoch {checkpoints.last_epoch}) is intact; "
+                f"fix the cause and continue with --resume {run_dir}"
+                if checkpoints.last_epoch else "no epoch was checkpointed; fix the cause and start the run again")
+        raise RunStoppedError(f"training stopped by an OS error ({reason}); {kept}") from e
+
+
+def _save_model(model: keras.Model, path: Path) -> None:
+    """`model.save` through a temporary file, so a failed write never leaves half a model."""
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def results_table(runs: dict[str, dict]) -> str:

@@ -4,15 +4,19 @@ ends with the same weights, bit for bit, as one that was never interrupted (CPU,
 bit also show that deterministic mode is deterministic."""
 
 import csv
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import keras
 import pytest
 
+from data.demo import make_demo_data
 from engine.compare import Run, _resumable, train_command
 from engine.rundir import checkpoint_state
 from tests.conftest import ROOT, active_backend, cli_env
@@ -79,6 +83,41 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir,
     assert json.loads((cut / "metrics.json").read_text())["epochs"] == 2
     with open(cut / "stability.csv", newline="") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(tmp_path, monkeypatch):
+    make_demo_data(tmp_path / "data", train_per_class=3, test_per_class=1)
+    run_dir = tmp_path / "run"
+    args = ["train", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "4",
+            "--weights", "none", "--val-split", "0", "--epochs", "2", "--verbose", "0", "--out", str(run_dir)]
+    save_weights = keras.Model.save_weights
+    checkpoints = []
+
+    def disk_full_at_the_second_checkpoint(self, filepath, *a, **kw):
+        if os.path.basename(filepath).startswith(".last"):
+            checkpoints.append(filepath)
+            if len(checkpoints) == 2:
+                with open(filepath, "wb") as f:  # what a full disk leaves: part of a file
+                    f.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filepath))
+        return save_weights(self, filepath, *a, **kw)
+
+    monkeypatch.setattr(keras.Model, "save_weights", disk_full_at_the_second_checkpoint)
+    result = run_cli(*args)
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert "No space left on device" in message and "epoch 1" in message and f"--resume {run_dir}" in message
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no partial file left
+    assert checkpoint_state(run_dir / "last.weights.h5")["epoch"] == 1
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
+
+    monkeypatch.undo()
+    result = run_cli(*args[:-2], "--resume", str(run_dir))
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in _history(run_dir)] == ["0", "1"]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+    assert keras.saving.load_model(run_dir / "model.keras").count_params() > 20_000_000
 
 
 def test_resume_says_what_it_cannot_do(trained_run, tmp_path):
