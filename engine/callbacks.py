@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
+
+from engine.rundir import atomic_write
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -90,7 +91,8 @@ class Checkpoints(keras.callbacks.Callback):
         # Only now: if the write failed (e.g. a full disk), these still describe the files on disk.
         self.last_epoch, self.best_value, self.best_epoch = epoch + 1, best_value, best_epoch
         if improved:
-            _copy_atomically(self.last, self.best)
+            with atomic_write(self.best) as tmp:
+                shutil.copyfile(self.last, tmp)
 
 
 def _seed_variables(model: keras.Model) -> list:
@@ -117,21 +119,8 @@ def _save_weights(model: keras.Model, path: Path, state: dict | None = None) -> 
     never leaves half a checkpoint."""
     import h5py
 
-    tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
-    try:
+    with atomic_write(path) as tmp:
         model.save_weights(tmp)
         if state is not None:
             with h5py.File(tmp, "a") as f:
                 f.attrs["training_state"] = json.dumps(state)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (e.g. a full disk) leaves no partial file
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,6 +35,20 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
     return path
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yields a hidden temporary path beside `path` (same name ending, so Keras accepts it)
+    to write to; it replaces `path` when the block ends without error. A crash or a full
+    disk mid-write leaves the old `path` whole, and no temporary file is left behind."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_history(run_dir: str | Path) -> dict[str, list[float]]:
     """history.csv as {column: [value per epoch]} (NaN for an empty or `NA` cell, which Keras'
     CSVLogger writes for validation columns of a run without validation; {} without the file)."""
@@ -50,9 +67,8 @@ def truncate_csv(path: Path, rows: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(lines[: rows + 1]))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(lines[: rows + 1]))
 
 
 def checkpoint_state(path: Path) -> dict | None:
@@ -67,7 +83,5 @@ def checkpoint_state(path: Path) -> dict | None:
 
 def write_json(path: str | Path, data: dict) -> None:
     """Writes `data` as indented JSON (atomically: a crash leaves the old file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

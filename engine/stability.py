@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from engine.backend import loss_and_gradients
+from engine.rundir import atomic_write
 from model.structure import activation_points, layer_group
 
 
@@ -132,12 +133,10 @@ def read_rows(path: Path, limit: int) -> list[dict]:
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Rows as CSV; empty cells where a row has no value (e.g. a frozen group's gradient)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns} for row in rows)
-    tmp.replace(path)
 
 
 def plot_stability(rows: list[dict], path: Path) -> None:

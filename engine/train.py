@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import warnings
 from collections import defaultdict
@@ -21,7 +20,7 @@ from engine.backend import enable_determinism, environment, peak_memory_mb
 from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard, restore_seed_states
 from engine.config import Preflight, TrainConfig, preflight
 from engine.metrics import classification_report, format_table, result_rows, results_row
-from engine.rundir import checkpoint_state, read_history, truncate_csv, write_json
+from engine.rundir import atomic_write, checkpoint_state, read_history, truncate_csv, write_json
 from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
 from engine.stability import StabilityMonitor
 from model import build_model, load_initial_weights
@@ -255,8 +254,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     history = read_history(run_dir)  # every epoch, also those before a resume
     if guard.event:
         raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
-    with _os_errors_stop_the_run(checkpoints, run_dir):
-        _save_model(model, run_dir / "model.keras")
+    with _os_errors_stop_the_run(checkpoints, run_dir), atomic_write(run_dir / "model.keras") as tmp:
+        model.save(tmp)
 
     leaked = set(splits.leaked_test)
     final = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
@@ -354,16 +353,6 @@ def _os_errors_stop_the_run(checkpoints: Checkpoints, run_dir: Path):
                 f"fix the cause and continue with --resume {run_dir}"
                 if checkpoints.last_epoch else "no epoch was checkpointed; fix the cause and start the run again")
         raise RunStoppedError(f"training stopped by an OS error ({reason}); {kept}") from e
-
-
-def _save_model(model: keras.Model, path: Path) -> None:
-    """`model.save` through a temporary file, so a failed write never leaves half a model."""
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def results_table(runs: dict[str, dict]) -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from data.demo import make_demo_data
 from engine.compare import Run, _resumable, train_command
-from engine.rundir import checkpoint_state
+from engine.rundir import atomic_write, checkpoint_state
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import run_cli
 from tests.test_compare import cli, final_weights
@@ -85,6 +85,19 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir,
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
+def test_atomic_write_keeps_the_old_file_whole_when_the_write_fails(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text("old")
+    with pytest.raises(OSError), atomic_write(path) as tmp:
+        tmp.write_text("half of the new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with atomic_write(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.endswith(".json")
+        tmp.write_text("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
 def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishes_it(tmp_path, monkeypatch):
     make_demo_data(tmp_path / "data", train_per_class=3, test_per_class=1)
     run_dir = tmp_path / "run"
@@ -94,7 +107,8 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     checkpoints = []
 
     def disk_full_at_the_second_checkpoint(self, filepath, *a, **kw):
-        if os.path.basename(filepath).startswith(".last"):
+        name = os.path.basename(filepath)
+        if name.startswith(".") and name.endswith("last.weights.h5"):  # the checkpoint's temporary file
             checkpoints.append(filepath)
             if len(checkpoints) == 2:
                 with open(filepath, "wb") as f:  # what a full disk leaves: part of a file
