@@ -226,7 +226,8 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
                                f"were {config['counts']}, now {counts}); start a new run")
         best = run_dir / "best.weights.h5"
         if state["best_epoch"] == done and (not best.exists() or (checkpoint_state(best) or {}).get("epoch") != done):
-            shutil.copyfile(last, best)  # the crash came between the two files
+            with atomic_write(best) as tmp:  # the crash came between the two files
+                shutil.copyfile(last, tmp)
         for name in ("history.csv", "stability.csv"):  # rows past the checkpoint are redone
             truncate_csv(run_dir / name, done)
         config["resumed"] = [*config.get("resumed", []), {"after_epoch": done, "environment": environment()}]

@@ -134,6 +134,30 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     assert keras.saving.load_model(run_dir / "model.keras").count_params() > 20_000_000
 
 
+def test_a_run_stopped_after_its_last_epoch_resumes_to_the_end_and_restores_a_missing_best(trained_run, tmp_path):
+    """The disk filled after the last checkpoint: while copying it to best.weights.h5, or
+    while writing model.keras or metrics.json. Resuming trains nothing and finishes the run."""
+    import h5py
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    for name in ("best.weights.h5", "model.keras", "metrics.json"):
+        (run_dir / name).unlink()
+    with h5py.File(run_dir / "last.weights.h5", "a") as f:  # epoch 2 was the best one
+        state = json.loads(f.attrs["training_state"])
+        f.attrs["training_state"] = json.dumps({**state, "best_epoch": 2})
+    history = (run_dir / "history.csv").read_text()
+
+    result = run_cli("train", "--data-dir", "unused", "--resume", str(run_dir))
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "best.weights.h5").read_bytes() == (run_dir / "last.weights.h5").read_bytes()
+    assert (run_dir / "history.csv").read_text() == history  # no epoch trained again
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["best"]["epoch"] == 2
+    assert metrics["test"] == metrics["best"]["test"]
+    assert keras.saving.load_model(run_dir / "model.keras").count_params() > 100_000
+
+
 def test_resume_says_what_it_cannot_do(trained_run, tmp_path):
     result = run_cli("train", "--data-dir", str(tmp_path), "--resume", str(trained_run))
     assert result.exit_code == 0 and "finished already" in result.output
