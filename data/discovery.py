@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import UserInputError
+
 TRAIN_DIR = "Training"
 TEST_DIR = "Testing"
 IMAGE_EXTENSIONS = frozenset(
@@ -24,7 +26,7 @@ _VAL_TAG = 0x5641
 _TEST_TAG = 0x5445
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError, ValueError):
     """The dataset folder is missing or does not have the expected layout."""
 
 

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, list_split
+from errors import UserInputError
 
 DATASET = "masoudnickparvar/brain-tumor-mri-dataset"
 API_HOST = "api.kaggle.com"
@@ -17,7 +18,7 @@ EXPECTED_COUNTS = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserInputError, RuntimeError):
     """The dataset could not be fetched; the message says what is missing."""
 
 

@@ -14,6 +14,8 @@ import platform
 import sys
 from pathlib import Path
 
+from errors import UserInputError
+
 SUPPORTED_BACKENDS = ("torch", "tensorflow", "jax")
 _FRAMEWORK_PACKAGES = {
     "torch": ("torch",),
@@ -22,7 +24,7 @@ _FRAMEWORK_PACKAGES = {
 }
 
 
-class BackendError(RuntimeError):
+class BackendError(UserInputError, RuntimeError):
     """The requested Keras backend is unknown or not installed."""
 
 

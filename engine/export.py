@@ -19,6 +19,7 @@ from data.augment import normalize
 from engine.backend import backends_that_export, missing_export_module
 from engine.inference import TrainedRun, read_images, split_examples
 from engine.rundir import write_json
+from errors import UserInputError
 
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
 # Exported probabilities against Keras' (measured on CPU: <= 1e-6).
@@ -29,7 +30,7 @@ class ExportError(RuntimeError):
     """The export failed, or the exported model disagrees with Keras."""
 
 
-class ExportUnsupportedError(ExportError):
+class ExportUnsupportedError(UserInputError, ExportError):
     """The active backend cannot produce the format with what is installed."""
 
 

@@ -6,11 +6,13 @@ import os
 import socket
 from pathlib import Path
 
+from errors import UserInputError
+
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _WEIGHTS_HOST = "storage.googleapis.com"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserInputError, ValueError):
     """Weights were asked for that cannot be had."""
 
 
