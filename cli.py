@@ -7,6 +7,7 @@ Pick the backend with KERAS_BACKEND, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -14,7 +15,18 @@ import sys
 import click
 
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from model.spec import CUTS, MODELS  # Keras-free, like everything imported here
+from engine.compare import FACTORS  # Keras-free, like everything imported here
+from engine.config import AUGMENTATION, DATA, HYBRID_RECIPE, TrainConfig
+from engine.options import (
+    GroupedCommand,
+    GroupedOption,
+    LevelList,
+    click_options,
+    config_file_option,
+    field_names,
+)
+from errors import UserInputError
+from model.spec import MODELS
 
 # Quieter start-up for tensorflow; set before any backend import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,169 +42,32 @@ class UserError(click.ClickException):
 
 
 def _user_errors(fn):
-    """Turns the project's own input errors into `UserError` (no traceback)."""
+    """Turns the project's input errors (`errors.UserInputError`) into `UserError`: one line, no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from engine.backend import BackendError, check_backend
+        from engine.backend import check_backend
 
         try:
             check_backend()
-            from data.discovery import DatasetError
-            from engine.config import ConfigError
-            from engine.rundir import OutputDirError, RunError
-            from model.weights import WeightsError
-
-            try:
-                return fn(*args, **kwargs)
-            except (DatasetError, WeightsError, OutputDirError, ConfigError, RunError) as e:
-                raise UserError(str(e)) from None
-        except BackendError as e:
+            return fn(*args, **kwargs)
+        except UserInputError as e:
             raise UserError(str(e)) from None
 
     return wrapper
 
 
-class FloatPair(click.ParamType):
-    name = "LOW,HIGH"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            low, high = (float(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not two comma-separated numbers", param, ctx)
-        if low > high:
-            self.fail(f"{value!r}: the first number must not exceed the second", param, ctx)
-        return (low, high)
+def grid_levels(*names: str) -> dict[str, dict]:
+    """`click_options` overrides that let the named options take several comma-separated levels (a grid)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return {name: {"type": LevelList(_click_type(fields[name])),
+                   "help": fields[name].metadata["cli"]["help"] + " Several comma-separated values make a grid."}
+            for name in names}
 
 
-def data_options(fn):
-    """Options that choose the data and how it is split and fed."""
-    options = [
-        click.option("--data-dir", required=True, type=click.Path(), help="Folder with Training/<class>/* (and optionally Testing/<class>/*)."),
-        click.option("--image-size", default=224, show_default=True, type=click.IntRange(32), help="Square input side in pixels."),
-        click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1)),
-        click.option("--preprocess", default="caffe", show_default=True, type=click.Choice(["caffe", "imagenet"]), help="caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); imagenet: x/255 then mean/std (torchvision)."),
-        click.option("--val-split", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Stratified fraction of Training used for validation."),
-        click.option("--test-split", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Without Testing/: stratified fraction of Training held out as the test set."),
-        click.option("--split-seed", default=0, show_default=True, type=int, help="Seed of the validation and test splits."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the batch order, augmentation and model randomness."),
-        click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader threads (0: load in the training thread)."),
-        click.option("--cache/--no-cache", default=True, show_default=True, help="Keep decoded images in memory (n * size^2 * 3 bytes)."),
-        click.option("--dedup/--no-dedup", default=False, show_default=True, help="Drop from training every image with an exact or near twin in the test set, keep one of each duplicate group (none of an image under two labels); write leakage.json."),
-        click.option("--leakage-report/--no-leakage-report", default=False, show_default=True, help="Find the test images with a twin in the training pool without dropping anything; metrics add the accuracy on the test images with no twin (with --dedup too)."),
-        click.option("--dedup-max-distance", default=DEFAULT_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64), help="--dedup: dHash distance (bits) of a candidate near pair (see `audit`)."),
-        click.option("--dedup-min-correlation", default=DEFAULT_MIN_CORRELATION, show_default=True, type=click.FloatRange(-1, 1), help="--dedup: thumbnail correlation that confirms a near pair."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _option(*decls: str, **attrs):
-    """An option's declaration, kept as data so a command can change its defaults."""
-    return decls, attrs
-
-
-def _apply(fn, options: list, overrides: dict | None = None):
-    """Decorates `fn` with `options`; `overrides` maps a parameter name to changed attributes
-    (`decls` renames the flag)."""
-    for decls, attrs in reversed(options):
-        name = click.Option(decls).name  # "--se/--no-se" -> "se", ("--lr", "learning_rate") -> "learning_rate"
-        changed = dict(attrs, **(overrides or {}).get(name, {}))
-        fn = click.option(*changed.pop("decls", decls), **changed)(fn)
-    return fn
-
-
-ARCHITECTURE_OPTIONS = [
-    _option("--model", default="resnet50", show_default=True, type=click.Choice(MODELS), help="resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN head."),
-    _option("--cut", default="conv4", show_default=True, type=click.Choice(CUTS), help="Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out)."),
-    _option("--head-blocks", default=2, show_default=True, type=click.IntRange(0), help="Hybrid: Conv-BatchNorm-ReLU blocks after the cut."),
-    _option("--head-filters", default=256, show_default=True, type=click.IntRange(1), help="Hybrid: channels of each head block."),
-    _option("--se/--no-se", default=True, show_default=True, help="Hybrid: squeeze-and-excitation in each head block."),
-]
-
-
-def architecture_options(fn):
-    """Options that choose the model (and so the shape of its weights file)."""
-    return _apply(fn, ARCHITECTURE_OPTIONS)
-
-
-TRAIN_OPTIONS = [
-    _option("--epochs", default=10, show_default=True, type=click.IntRange(1), help="Epochs of the main phase (after any --head-epochs)."),
-    _option("--lr", "learning_rate", default=1e-4, show_default=True, type=float, help="Adam learning rate of the main phase (its peak with warmup or cosine)."),
-    _option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none (random) or PATH to a ResNet50 notop .h5 file."),
-    _option("--init-weights", default=None, type=click.Path(), help="Start the whole model from a .weights.h5 file (e.g. another run's initial.weights.h5)."),
-    *ARCHITECTURE_OPTIONS,
-    _option("--freeze", default="none", show_default=True, type=click.Choice(["none", "backbone"]), help="backbone: the main phase trains only what follows the backbone."),
-    _option("--dropout", default=0.2, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
-    _option("--bn-momentum", default=None, type=click.FloatRange(0, 1, max_open=True), help="Backbone BatchNorm moving-average momentum (default: Keras' 0.99; torchvision's is 0.9)."),
-    _option("--bn-train/--no-bn-train", default=None, help="Backbone BatchNorm uses batch statistics while it trains (default: yes for resnet50, no for hybrid; a frozen layer never does)."),
-    _option("--head-epochs", default=0, show_default=True, type=click.IntRange(0), help="First phase: epochs with the backbone frozen (0: no such phase)."),
-    _option("--head-lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the --head-epochs phase."),
-    _option("--unfreeze-blocks", default=None, type=click.IntRange(0), help="Main phase: only the top K residual blocks of the backbone train (default: all of it)."),
-    _option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]), help="Main phase learning rate after warmup: constant, or cosine decay to 0."),
-    _option("--warmup-epochs", default=0.0, show_default=True, type=click.FloatRange(0), help="Main phase: linear warmup from 0 over this many epochs."),
-    _option("--augment", default="standard", show_default=True, type=click.Choice(["standard", "none"]), help="Training augmentation: random resized crop, horizontal flip, rotation."),
-    _option("--crop-scale", default="0.08,1.0", show_default=True, type=FloatPair(), help="Random resized crop: area fraction range."),
-    _option("--crop-ratio", default="0.75,1.3333", show_default=True, type=FloatPair(), help="Random resized crop: aspect ratio range."),
-    _option("--flip-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Horizontal flip probability (0: off)."),
-    _option("--rotate-degrees", default=10.0, show_default=True, type=click.FloatRange(0, 180), help="Rotation range +-degrees (0: off)."),
-    _option("--deterministic/--no-deterministic", default=False, show_default=True, help="Each framework's deterministic mode (tf op determinism, torch deterministic algorithms, XLA deterministic ops); recorded in config.json."),
-    _option("--out", default=None, type=click.Path(), help="Run directory (default runs/<time>-<backend>/)."),
-    _option("--verbose", default=1, show_default=True, type=click.IntRange(0, 2), help="Keras progress: 0 silent, 1 bar, 2 a line per epoch."),
-]
-
-# `hybrid` is `train --model hybrid` with the two-phase recipe as its defaults.
-HYBRID_DEFAULTS = {
-    "epochs": {"decls": ("--finetune-epochs", "epochs"), "default": 4, "help": "Second phase: epochs fine-tuning the top --unfreeze-blocks blocks with the head."},
-    "learning_rate": {"decls": ("--finetune-lr", "learning_rate"), "default": 1e-5, "help": "Second phase: peak Adam learning rate (warmup, then cosine decay)."},
-    "model": {"default": "hybrid", "hidden": True},
-    "freeze": {"hidden": True},
-    "head_epochs": {"default": 2, "type": click.IntRange(1), "help": "First phase: epochs training the head with the backbone frozen."},
-    "unfreeze_blocks": {"default": 3, "show_default": True, "help": "Second phase: the top K residual blocks of the backbone train with the head."},
-    "lr_schedule": {"default": "cosine"},
-    "warmup_epochs": {"default": 0.5},
-}
-
-
-def train_options(fn=None, *, overrides: dict | None = None):
-    """Options of the model, the schedule, the optimizer and the augmentation."""
-    if fn is None:
-        return lambda f: _apply(f, TRAIN_OPTIONS, overrides)
-    return _apply(fn, TRAIN_OPTIONS, overrides)
-
-
-class LevelList(click.ParamType):
-    """Comma-separated values of an option, each checked by the option's own type."""
-
-    def __init__(self, inner: click.ParamType) -> None:
-        self.inner = inner
-        label = "|".join(inner.choices) if isinstance(inner, click.Choice) else inner.name.upper()
-        self.name = f"{label}[,...]"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        levels = [self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip()]
-        if not levels:
-            self.fail("give at least one value", param, ctx)
-        return list(dict.fromkeys(levels))
-
-
-def factor_options(*names: str):
-    """Lets the named options take several comma-separated levels (a grid)."""
-
-    def apply(fn):
-        for param in fn.__click_params__:
-            if param.name in names:
-                param.type = LevelList(param.type)
-                param.help = (param.help or "") + " Several comma-separated values make a grid."
-        return fn
-
-    return apply
+def _click_type(field: dataclasses.Field) -> click.ParamType:
+    declared = field.metadata["cli"]["type"]
+    return declared if isinstance(declared, click.ParamType) else click.STRING
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -203,9 +78,9 @@ def cli() -> None:
 RESUME = click.option("--resume", default=None, type=click.Path(file_okay=False), help="Continue the interrupted run in this directory after its last finished epoch (its config.json's options are used).")
 
 
-@cli.command()
-@data_options
-@train_options
+@cli.command(cls=GroupedCommand)
+@click_options(TrainConfig)
+@config_file_option(TrainConfig)
 @RESUME
 @_user_errors
 def train(**options) -> None:
@@ -213,9 +88,9 @@ def train(**options) -> None:
     _train(options)
 
 
-@cli.command()
-@data_options
-@train_options(overrides=HYBRID_DEFAULTS)
+@cli.command(cls=GroupedCommand)
+@click_options(TrainConfig, overrides=HYBRID_RECIPE)
+@config_file_option(TrainConfig)
 @RESUME
 @_user_errors
 def hybrid(**options) -> None:
@@ -230,9 +105,10 @@ def hybrid(**options) -> None:
 
 
 def _train(options: dict) -> None:
-    from engine.config import TrainConfig, preflight, resume_config
+    from engine.config import preflight
+    from engine.resume import resume_config
 
-    resume = options.pop("resume")
+    resume, _ = options.pop("resume"), options.pop("config_file")
     cfg = TrainConfig(**options)
     if resume:
         given = cfg
@@ -326,21 +202,20 @@ def download(dest: str | None, dataset: str) -> None:
     click.echo(f"Train on it: python cli.py train --data-dir {root}")
 
 
-@cli.command("pipeline-hash")
-@data_options
+@cli.command("pipeline-hash", cls=GroupedCommand)
+@click_options(TrainConfig, field_names(TrainConfig, DATA, AUGMENTATION))
 @click.option("--epoch", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batches", "num_batches", default=4, show_default=True, type=click.IntRange(1), help="How many batches to hash.")
-@click.option("--augment", default="standard", show_default=True, type=click.Choice(["standard", "none"]))
+@config_file_option(TrainConfig)
 @_user_errors
-def pipeline_hash_command(epoch: int, num_batches: int, augment: str, **options) -> None:
+def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None, **options) -> None:
     """Print a SHA-256 of the first training batches of an epoch, as `train` feeds them."""
     import keras
 
     from data.loader import pipeline_hash
-    from engine.config import TrainConfig
     from engine.train import scanned_training_batches
 
-    cfg = TrainConfig(augment=augment, **options)
+    cfg = TrainConfig(**options)
     batches = scanned_training_batches(cfg)
     num_batches = min(num_batches, len(batches))
     digest = pipeline_hash(batches, epoch, num_batches)
@@ -379,9 +254,8 @@ class BackendList(click.ParamType):
     def convert(self, value, param, ctx):
         from engine.backend import SUPPORTED_BACKENDS
 
-        if isinstance(value, tuple):
-            return value
-        names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+        items = value if isinstance(value, tuple | list) else str(value).split(",")  # a list from --config
+        names = tuple(str(v).strip() for v in items if str(v).strip())
         unknown = [n for n in names if n not in SUPPORTED_BACKENDS]
         if unknown or not names:
             self.fail(f"{value!r}: choose from {', '.join(SUPPORTED_BACKENDS)}", param, ctx)
@@ -429,13 +303,14 @@ def parity(backends, out, plant, **options) -> None:
         raise SystemExit(1)
 
 
-@cli.command("init-weights")
+# The options that decide a weights file's contents: the model's shape, the backbone's start, the seed.
+WEIGHTS_FILE_OPTIONS = ("image_size", "weights", "seed", "model", "cut", "head_blocks", "head_filters", "se")
+
+
+@cli.command("init-weights", cls=GroupedCommand)
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.option("--num-classes", default=4, show_default=True, type=click.IntRange(2))
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
-@click.option("--weights", default="imagenet", show_default=True, help="Backbone start: imagenet, none or PATH.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomly initialised layers.")
-@architecture_options
+@click_options(TrainConfig, WEIGHTS_FILE_OPTIONS)
 @_user_errors
 def init_weights(path: str, num_classes: int, image_size: int, weights: str, seed: int, **architecture) -> None:
     """Build the model once and save its weights to PATH (*.weights.h5), for --init-weights."""
@@ -451,25 +326,23 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
     click.echo(f"wrote {path} ({keras.backend.backend()}, {model.count_params():,} parameters)")
 
 
-@cli.command()
-@factor_options("model", "preprocess", "augment", "weights")  # engine.compare.FACTORS
-@data_options
-@train_options
-@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList())
-@click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), help="Repeat every cell over these seeds (batch order, augmentation, head init).")
+@cli.command(cls=GroupedCommand)
+@click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=grid_levels(*FACTORS))
+@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
+@click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every cell over these seeds (batch order, augmentation, head init).")
+@config_file_option(TrainConfig)
 @_user_errors
-def compare(backends, seeds, out, deterministic, **options) -> None:
+def compare(backends, seeds, out, config_file, **options) -> None:
     """Train one configuration on each backend from one weights file; tables, effects, curves.
 
-    --preprocess, --augment and --weights take comma-separated levels: the run becomes a
-    grid (backend x levels x seeds) and the summary gives each factor's main effect.
+    --model, --preprocess, --augment and --weights take comma-separated levels: the run becomes
+    a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
     import time
     from pathlib import Path
 
     from data.discovery import make_splits
-    from engine.compare import FACTORS, CompareError, run_compare
-    from engine.config import TrainConfig
+    from engine.compare import CompareError, run_compare
     from engine.rundir import prepare_run_dir
     from model.weights import check_weights_file, resolve_backbone_weights
 
@@ -479,16 +352,14 @@ def compare(backends, seeds, out, deterministic, **options) -> None:
     if options["init_weights"]:
         check_weights_file(Path(options["init_weights"]), "--init-weights file")
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
-    fixed = {k: v for k, v in options.items() if k not in FACTORS and k != "seed"}
+    fixed = {k: v for k, v in options.items() if k not in FACTORS}
     fixed.update({f: levels[0] for f, levels in factors.items()})
     for model in factors["model"]:  # e.g. --unfreeze-blocks that one model's backbone lacks
         TrainConfig(**dict(fixed, model=model)).check_schedule()
     out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
     grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
     try:
-        report = run_compare(
-            fixed, backends, grid, seeds, Path(out_dir), len(splits.classes), deterministic, log=click.echo
-        )
+        report = run_compare(fixed, backends, grid, seeds, Path(out_dir), len(splits.classes), log=click.echo)
     except CompareError as e:
         raise click.ClickException(str(e)) from None
     click.echo("\n" + report["markdown"])

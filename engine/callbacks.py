@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from engine.rundir import atomic_write
+from engine.rundir import BEST, LAST, atomic_write, read_csv_rows, write_csv
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -36,6 +35,28 @@ class EpochTimer(keras.callbacks.Callback):
         if logs is not None:
             logs["seconds"] = end - self._start
             logs["images_per_second"] = self.num_images / ((self._train_end or end) - self._start)
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """history.csv: a row per epoch, as Keras' CSVLogger writes it (epoch, then the logs' keys
+    sorted; `val_*` columns of NA in a run without validation), but rewritten whole through
+    `atomic_write` after each epoch, so a crash never leaves half a row. `append` keeps the
+    rows already there (a later phase, a resumed run)."""
+
+    def __init__(self, path: Path, append: bool = False) -> None:
+        super().__init__()
+        self.path, self.append = path, append
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        self.rows = read_csv_rows(self.path) if self.append else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        keys = sorted(logs or {})
+        if not any(k.startswith("val_") for k in keys):
+            keys += [f"val_{k}" for k in keys]
+        self.rows.append({"epoch": epoch, **{k: (logs or {}).get(k) for k in keys}})
+        write_csv(self.path, self.rows, missing="NA")
 
 
 def _finite(value) -> bool:
@@ -67,11 +88,13 @@ class Checkpoints(keras.callbacks.Callback):
     `last.weights.h5` is what `--resume` continues from: the weights, the optimizer's
     state and, in the file's attributes (see `checkpoint_state`), the epoch count, the best
     epoch so far and the dropout generators' state, which Keras' weights files leave out.
+    `best.weights.h5` holds the model's weights and that state, not Adam's moments (twice
+    the weights again, and nothing reads them from there).
     """
 
     def __init__(self, run_dir: Path, monitor: str, resumed: dict | None = None) -> None:
         super().__init__()
-        self.last, self.best = run_dir / "last.weights.h5", run_dir / "best.weights.h5"
+        self.last, self.best = run_dir / LAST, run_dir / BEST
         self.monitor = monitor
         resumed = resumed or {}
         self.best_value = resumed.get("best_value", -math.inf)
@@ -87,12 +110,11 @@ class Checkpoints(keras.callbacks.Callback):
         best_value, best_epoch = (float(value), epoch + 1) if improved else (self.best_value, self.best_epoch)
         state = {"epoch": epoch + 1, "best_epoch": best_epoch, "best_value": best_value,
                  "monitor": self.monitor, "seed_states": seed_states(self.model)}
-        _save_weights(self.model, self.last, state)  # the one file a resume needs, written atomically
+        save_weights(self.model, self.last, state)  # the one file a resume needs, written atomically
         # Only now: if the write failed (e.g. a full disk), these still describe the files on disk.
         self.last_epoch, self.best_value, self.best_epoch = epoch + 1, best_value, best_epoch
         if improved:
-            with atomic_write(self.best) as tmp:
-                shutil.copyfile(self.last, tmp)
+            save_weights(self.model, self.best, state, with_optimizer=False)
 
 
 def _seed_variables(model: keras.Model) -> list:
@@ -114,13 +136,20 @@ def restore_seed_states(model: keras.Model, states: list[list]) -> None:
         variable.assign(np.asarray(value, dtype=keras.backend.standardize_dtype(variable.dtype)))
 
 
-def _save_weights(model: keras.Model, path: Path, state: dict | None = None) -> None:
+def save_weights(model: keras.Model, path: Path, state: dict | None = None, with_optimizer: bool = True) -> None:
     """`save_weights` (plus `state` as a JSON attribute) through a temporary file, so a crash
-    never leaves half a checkpoint."""
+    never leaves half a checkpoint; without the optimizer's variables unless `with_optimizer`."""
     import h5py
 
+    skip = [] if with_optimizer or model.optimizer is None else [model.optimizer]
     with atomic_write(path) as tmp:
-        model.save_weights(tmp)
+        keras.saving.save_weights(model, tmp, objects_to_skip=skip or None)
         if state is not None:
             with h5py.File(tmp, "a") as f:
                 f.attrs["training_state"] = json.dumps(state)
+
+
+def load_model_weights(model: keras.Model, path: Path) -> None:
+    """Loads a weights file's model variables, leaving the compiled optimizer as it is."""
+    objects_to_skip = [model.optimizer] if model.optimizer is not None else None
+    model.load_weights(path, objects_to_skip=objects_to_skip)

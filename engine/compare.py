@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.backend import backend_subprocess_env
 from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
-from engine.rundir import checkpoint_state, read_history, write_json
+from engine.rundir import atomic_write, checkpoint_state, read_history, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights")
@@ -67,28 +67,17 @@ def plan_runs(backends: tuple[str, ...], factors: dict[str, list[str]], seeds: l
     return runs
 
 
-def train_command(options: dict, run: Run, init_weights: Path, out: Path, deterministic: bool,
-                  resume: bool = False) -> list[str]:
-    """The `cli.py train` command line of one run (`--resume`: continue it in `out`)."""
-    args = [sys.executable, str(ROOT / "cli.py"), "train"]
-    fixed = dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights), out=str(out))
-    for name, value in fixed.items():
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if name == "learning_rate":
-            flag = "--lr"
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, tuple | list):
-            args += [flag, ",".join(str(v) for v in value)]
-        else:
-            args += [flag, str(value)]
-    if deterministic:
-        args.append("--deterministic")
-    if resume:
-        args += ["--resume", str(out)]
-    return args
+def child_options(options: dict, run: Run, init_weights: Path) -> dict:
+    """The options of one run of the grid: the fixed ones, the run's cell, seed and starting file."""
+    return dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights))
+
+
+def train_command(config_file: Path, out: Path, resume: bool = False) -> list[str]:
+    """The `cli.py train` command line of one run: its options come from `config_file` (a
+    file, not a rebuilt flag list, so every option reaches the run as declared); `--resume`
+    continues it in `out`."""
+    args = [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config_file), "--out", str(out)]
+    return [*args, "--resume", str(out)] if resume else args
 
 
 def _resumable(run_dir: Path) -> bool:
@@ -240,7 +229,8 @@ def plot_curves(results: list[dict], path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 1))
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -301,6 +291,76 @@ def build_initial_weights(backend: str, options: dict, model: str, weights: str,
         raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
 
 
+def starting_points(options: dict, backend: str, factors: dict[str, list[str]], seeds: list[int], out_dir: Path,
+                    num_classes: int, log: Callable[[str], None]) -> dict[tuple[str, str, int], Path]:
+    """One starting weights file per (model, weights, seed), built once on `backend` (or the
+    user's --init-weights file for every run)."""
+    models = factors.get("model", [options["model"]])
+    if options.get("init_weights") and len(models) > 1:
+        raise CompareError("--init-weights fits one model; give one --model level with it")
+    files = {}
+    for model, weights, seed in itertools.product(models, factors.get("weights", [options["weights"]]), seeds):
+        if options.get("init_weights"):
+            files[(model, weights, seed)] = Path(options["init_weights"])
+            continue
+        path = out_dir / "initial" / f"{model}-{weights.replace('/', '_')}-seed{seed}.weights.h5"
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            build_initial_weights(backend, options, model, weights, seed, num_classes, path, log)
+        files[(model, weights, seed)] = path
+    return files
+
+
+def _start_of(options: dict, run: Run) -> tuple[str, str, int]:
+    levels = dict(run.levels)
+    return levels.get("model", options["model"]), levels.get("weights", options["weights"]), run.seed
+
+
+def train_run(options: dict, run: Run, init_weights: Path, out_dir: Path, header: str,
+              log: Callable[[str], None]) -> int:
+    """Trains one run of the grid in its own process (reusing a finished run, resuming an
+    interrupted one); returns the exit code."""
+    run_dir = out_dir / "runs" / run.dirname
+    if (run_dir / "metrics.json").exists():
+        log(f"{header}: done earlier, reusing {run_dir}")
+        return 0
+    resume = _resumable(run_dir)  # interrupted after an epoch: go on from there
+    if run_dir.exists() and not resume:  # interrupted before: start again
+        shutil.rmtree(run_dir)
+    config_file = out_dir / "options" / f"{run.dirname.replace('/', '-')}.json"
+    config_file.parent.mkdir(exist_ok=True)
+    write_json(config_file, {"options": child_options(options, run, init_weights)})
+    command_line = train_command(config_file, run_dir, resume)
+    log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
+    start = time.perf_counter()
+    code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
+    log(f"{header}: FAILED (exit {code}); going on with the others" if code else
+        f"{header}: finished in {time.perf_counter() - start:.0f} s")
+    return code
+
+
+def _result(run: Run, run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    start = (config.get("starting_weights") or {}).get("initial") or {}
+    return {
+        "backend": run.backend, "cell": run.cell, "levels": run.levels, "seed": run.seed,
+        "run_dir": str(run_dir), "start_sha256": start.get("sha256"),
+        "row": summary_row(metrics), "history": read_history(run_dir),
+    }
+
+
+def unshared_starts(results: list[dict]) -> list[dict]:
+    """The (cell, seed) groups whose runs did not all start from the same weights file
+    (by the SHA-256 each run recorded): such a comparison measures the start, not the backend."""
+    groups: dict[tuple[str, int], set] = {}
+    for r in results:
+        groups.setdefault((r["cell"], r["seed"]), set()).add(r["start_sha256"])
+    return [{"run": f"{cell or 'baseline'} seed {seed}",
+             "reason": f"the backends started from different weights files (SHA-256 {', '.join(sorted(map(str, shas)))})"}
+            for (cell, seed), shas in groups.items() if len(shas) > 1]
+
+
 def run_compare(
     options: dict,
     backends: tuple[str, ...],
@@ -308,64 +368,32 @@ def run_compare(
     seeds: list[int],
     out_dir: Path,
     num_classes: int,
-    deterministic: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Runs the grid (reusing finished runs in `out_dir`), writes compare.md/json and curves.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "compare"
+    init_files = starting_points(options, backends[0], factors, seeds, out_dir, num_classes, log)
     runs = plan_runs(backends, factors, seeds)
-    models = factors.get("model", [options["model"]])
-    weights_levels = factors.get("weights", [options["weights"]])
-    if options.get("init_weights") and len(models) > 1:
-        raise CompareError("--init-weights fits one model; give one --model level with it")
-    init_files = {}
-    for model, weights, seed in itertools.product(models, weights_levels, seeds):
-        if options.get("init_weights"):  # The user's own starting file, for every run.
-            init_files[(model, weights, seed)] = Path(options["init_weights"])
-            continue
-        path = out_dir / "initial" / f"{model}-{weights.replace('/', '_')}-seed{seed}.weights.h5"
-        path.parent.mkdir(exist_ok=True)
-        if not path.exists():
-            build_initial_weights(backends[0], options, model, weights, seed, num_classes, path, log)
-        init_files[(model, weights, seed)] = path
-
     results, failures = [], []
     for i, run in enumerate(runs, 1):
-        run_dir = out_dir / "runs" / run.dirname
-        levels = dict(run.levels)
-        start_point = (levels.get("model", options["model"]), levels.get("weights", options["weights"]), run.seed)
         header = f"[{i}/{len(runs)}] {run.backend}  {run.cell or 'baseline'}  seed {run.seed}"
-        if (run_dir / "metrics.json").exists():
-            log(f"{header}: done earlier, reusing {run_dir}")
+        code = train_run(options, run, init_files[_start_of(options, run)], out_dir, header, log)
+        if code:
+            failures.append({"run": run.dirname, "reason": f"exit {code}"})
         else:
-            resume = _resumable(run_dir)  # interrupted after an epoch: go on from there
-            if run_dir.exists() and not resume:  # interrupted before: start again
-                shutil.rmtree(run_dir)
-            command_line = train_command(options, run, init_files[start_point], run_dir, deterministic, resume)
-            log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
-            start = time.perf_counter()
-            code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
-            if code != 0:
-                failures.append({"run": run.dirname, "exit_code": code})
-                log(f"{header}: FAILED (exit {code}); going on with the others")
-                continue
-            log(f"{header}: finished in {time.perf_counter() - start:.0f} s")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        results.append({
-            "backend": run.backend, "cell": run.cell, "levels": run.levels, "seed": run.seed,
-            "run_dir": str(run_dir), "row": summary_row(metrics), "history": read_history(run_dir),
-        })
+            results.append(_result(run, out_dir / "runs" / run.dirname))
     if not results:
         raise CompareError(f"every run failed: {failures}")
+    failures += unshared_starts(results)
     text, summary = summarise(results, backends, factors, command)
     if failures:
-        text += "\n## Failed runs\n\n" + "\n".join(f"- {f['run']}: exit {f['exit_code']}" for f in failures) + "\n"
+        text += "\n## Failed runs\n\n" + "\n".join(f"- {f['run']}: {f['reason']}" for f in failures) + "\n"
     plot_curves(results, out_dir / "curves.png")
-    (out_dir / "compare.md").write_text(text)
+    with atomic_write(out_dir / "compare.md") as tmp:
+        tmp.write_text(text)
     report = {
-        "command": command, "options": options, "backends": list(backends), "factors": factors,
-        "seeds": seeds, "deterministic": deterministic,
+        "command": command, "options": options, "backends": list(backends), "factors": factors, "seeds": seeds,
         "initial_weights": {f"{m},{w},seed{s}": str(p) for (m, w, s), p in init_files.items()},
         "runs": results, "failures": failures, "summary": summary,
     }

@@ -3,69 +3,114 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+import click
+
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from data.augment import AugmentConfig
+from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
-from engine.rundir import checkpoint_state, prepare_run_dir
-from model.spec import ModelSpec
+from engine.options import FloatPair, option
+from engine.rundir import prepare_run_dir
+from errors import UserInputError
+from model.spec import CUTS, MODELS, ModelSpec
 from model.weights import check_weights_file, resolve_backbone_weights
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
+KEEP_CHECKPOINTS = ("all", "best", "none")
+DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
+_AUGMENT = AugmentConfig()  # the augmentation ranges are declared once, in data.augment
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """Options that do not fit together."""
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every option of a training run; the defaults follow the original study."""
+    """Every option of a training run, each declared once (its flag, type, default and help);
+    the defaults follow the original study. The click options of `train`, `hybrid` and
+    `compare` are made from these fields (`engine.options.click_options`)."""
 
-    data_dir: str
-    out: str | None = None
+    data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*).",
+                           type=click.Path(), group=DATA)
+    image_size: int = option(224, "Square input side in pixels.", type=click.IntRange(32), group=DATA)
+    batch_size: int = option(32, type=click.IntRange(1), group=DATA)
+    preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
+                             "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
+                             group=DATA)
+    val_split: float = option(0.1, "Stratified fraction of Training used for validation.",
+                              type=click.FloatRange(0, 1, max_open=True), group=DATA)
+    test_split: float = option(0.0, "Without Testing/: stratified fraction of Training held out as the test set.",
+                               type=click.FloatRange(0, 1, max_open=True), group=DATA)
+    split_seed: int = option(0, "Seed of the validation and test splits.", type=int, group=DATA)
+    seed: int = option(0, "Seed of the batch order, augmentation and model randomness.", type=int, group=DATA)
+    workers: int = option(2, "Loader threads (0: load in the training thread).", type=click.IntRange(0), group=DATA)
+    cache: bool = option(True, "Keep decoded images in memory (n * size^2 * 3 bytes).", group=DATA)
+    dedup: bool = option(False, "Drop from training every image with an exact or near twin in the test set, keep "
+                         "one of each duplicate group (none of an image under two labels); write leakage.json.",
+                         group=DATA)
+    leakage_report: bool = option(False, "Find the test images with a twin in the training pool without dropping "
+                                  "anything; metrics add the accuracy on the test images with no twin.", group=DATA)
+    dedup_max_distance: int = option(DEFAULT_MAX_DISTANCE, "--dedup: dHash distance (bits) of a candidate near pair "
+                                     "(see `audit`).", type=click.IntRange(0, 64), group=DATA)
+    dedup_min_correlation: float = option(DEFAULT_MIN_CORRELATION, "--dedup: thumbnail correlation that confirms a "
+                                          "near pair.", type=click.FloatRange(-1, 1), group=DATA)
+    weights: str = option("imagenet", "Backbone start: imagenet, none (random) or PATH to a ResNet50 notop .h5 file.",
+                          group=MODEL)
+    init_weights: str | None = option(None, "Start the whole model from a .weights.h5 file (e.g. another run's "
+                                      "initial.weights.h5).", type=click.Path(), group=MODEL)
+    model: str = option("resnet50", "resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN "
+                        "head.", type=click.Choice(MODELS), group=MODEL)
+    cut: str = option("conv4", "Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out).",
+                      type=click.Choice(CUTS), group=MODEL)
+    head_blocks: int = option(2, "Hybrid: Conv-BatchNorm-ReLU blocks after the cut.", type=click.IntRange(0),
+                              group=MODEL)
+    head_filters: int = option(256, "Hybrid: channels of each head block.", type=click.IntRange(1), group=MODEL)
+    se: bool = option(True, "Hybrid: squeeze-and-excitation in each head block.", group=MODEL)
+    freeze: str = option("none", "backbone: the main phase trains only what follows the backbone.",
+                         type=click.Choice(["none", "backbone"]), group=MODEL)
+    dropout: float = option(0.2, type=click.FloatRange(0, 1, max_open=True), group=MODEL)
+    bn_momentum: float | None = option(None, "Backbone BatchNorm moving-average momentum (default: Keras' 0.99; "
+                                       "torchvision's is 0.9).", type=click.FloatRange(0, 1, max_open=True),
+                                       group=MODEL)
+    bn_train: bool | None = option(None, "Backbone BatchNorm uses batch statistics while it trains (default: yes "
+                                   "for resnet50, no for hybrid; a frozen layer never does).", group=MODEL)
+    epochs: int = option(10, "Epochs of the main phase (after any --head-epochs).", type=click.IntRange(1),
+                         group=OPTIMIZATION)
+    learning_rate: float = option(1e-4, "Adam learning rate of the main phase (its peak with warmup or cosine).",
+                                  type=float, flag="--lr", group=OPTIMIZATION)
+    head_epochs: int = option(0, "First phase: epochs with the backbone frozen (0: no such phase).",
+                              type=click.IntRange(0), group=OPTIMIZATION)
+    head_lr: float = option(1e-3, "Adam learning rate of the --head-epochs phase.", type=float, group=OPTIMIZATION)
+    unfreeze_blocks: int | None = option(None, "Main phase: only the top K residual blocks of the backbone train "
+                                         "(default: all of it).", type=click.IntRange(0), group=OPTIMIZATION)
+    lr_schedule: str = option("constant", "Main phase learning rate after warmup: constant, or cosine decay to 0.",
+                              type=click.Choice(SCHEDULES), group=OPTIMIZATION)
+    warmup_epochs: float = option(0.0, "Main phase: linear warmup from 0 over this many epochs.",
+                                  type=click.FloatRange(0), group=OPTIMIZATION)
+    augment: str = option("standard", "Training augmentation: random resized crop, horizontal flip, rotation.",
+                          type=click.Choice(["standard", "none"]), group=AUGMENTATION)
+    crop_scale: tuple[float, float] = option(_AUGMENT.crop_scale, "Random resized crop: area fraction range.",
+                                             type=FloatPair(), group=AUGMENTATION)
+    crop_ratio: tuple[float, float] = option(_AUGMENT.crop_ratio, "Random resized crop: aspect ratio range.",
+                                             type=FloatPair(), group=AUGMENTATION)
+    flip_prob: float = option(_AUGMENT.flip_prob, "Horizontal flip probability (0: off).",
+                              type=click.FloatRange(0, 1), group=AUGMENTATION)
+    rotate_degrees: float = option(_AUGMENT.rotate_degrees, "Rotation range +-degrees (0: off).",
+                                   type=click.FloatRange(0, 180), group=AUGMENTATION)
+    deterministic: bool = option(False, "Each framework's deterministic mode (tf op determinism, torch "
+                                 "deterministic algorithms, XLA deterministic ops); recorded in config.json.",
+                                 group=RUN)
+    keep_checkpoints: str = option("best", "What stays once the run has finished: all (last.weights.h5 with the "
+                                   "optimizer state too), best (best.weights.h5; model.keras holds the final "
+                                   "weights) or none (model.keras only).", type=click.Choice(KEEP_CHECKPOINTS),
+                                   group=RUN)
+    out: str | None = option(None, "Run directory (default runs/<time>-<backend>/).", type=click.Path(), group=RUN)
+    verbose: int = option(1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch.", type=click.IntRange(0, 2),
+                          group=RUN)
     runs_root: str = "runs"
-    image_size: int = 224
-    batch_size: int = 32
-    epochs: int = 10
-    learning_rate: float = 1e-4
-    weights: str = "imagenet"
-    init_weights: str | None = None
-    model: str = "resnet50"
-    cut: str = "conv4"
-    head_blocks: int = 2
-    head_filters: int = 256
-    se: bool = True
-    freeze: str = "none"
-    dropout: float = 0.2
-    bn_momentum: float | None = None
-    bn_train: bool | None = None
-    head_epochs: int = 0
-    head_lr: float = 1e-3
-    unfreeze_blocks: int | None = None
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    preprocess: str = "caffe"
-    augment: str = "standard"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_prob: float = 0.5
-    rotate_degrees: float = 10.0
-    val_split: float = 0.1
-    test_split: float = 0.0
-    split_seed: int = 0
-    seed: int = 0
-    workers: int = 2
-    cache: bool = True
-    dedup: bool = False
-    leakage_report: bool = False
-    dedup_max_distance: int = DEFAULT_MAX_DISTANCE
-    dedup_min_correlation: float = DEFAULT_MIN_CORRELATION
-    deterministic: bool = False
-    verbose: int = 1
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
@@ -108,39 +153,21 @@ class TrainConfig:
         )
 
 
-def resume_config(run_dir: str | Path) -> TrainConfig | None:
-    """The options of the interrupted run in `run_dir`, or None when it already finished.
-
-    Raises `ConfigError` when there is nothing to resume.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-    if (run_dir / "metrics.json").is_file():
-        return None
-    last = run_dir / "last.weights.h5"
-    if not last.is_file():
-        raise ConfigError(f"--resume {run_dir}: no epoch finished there (no last.weights.h5); start it again "
-                          f"without --resume")
-    try:
-        state = checkpoint_state(last)
-    except OSError as e:
-        raise ConfigError(f"--resume {run_dir}: {last} is not readable ({e})") from None
-    if state is None:
-        raise ConfigError(f"--resume {run_dir}: {last} holds no training state (written before --resume existed)")
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        options = config["options"]
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"--resume {run_dir}: config.json is not readable ({e})") from None
-    trained_under = config.get("environment", {}).get("backend")
-    if trained_under and trained_under != selected_backend():
-        raise ConfigError(f"--resume {run_dir}: the run trained under {trained_under}; resume it with "
-                          f"KERAS_BACKEND={trained_under} (a run that switches backends measures neither)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
-    return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
-
+# `hybrid` is `train --model hybrid` with the two-phase recipe as its defaults (its flags renamed
+# where the phase they set has a name of its own).
+HYBRID_RECIPE: dict[str, dict] = {
+    "epochs": {"flag": "--finetune-epochs", "default": 4,
+               "help": "Second phase: epochs fine-tuning the top --unfreeze-blocks blocks with the head."},
+    "learning_rate": {"flag": "--finetune-lr", "default": 1e-5,
+                      "help": "Second phase: peak Adam learning rate (warmup, then cosine decay)."},
+    "model": {"default": "hybrid", "hidden": True},
+    "freeze": {"hidden": True},
+    "head_epochs": {"default": 2, "type": click.IntRange(1),
+                    "help": "First phase: epochs training the head with the backbone frozen."},
+    "unfreeze_blocks": {"default": 3, "help": "Second phase: the top K residual blocks of the backbone train with the head."},
+    "lr_schedule": {"default": "cosine"},
+    "warmup_epochs": {"default": 0.5},
+}
 
 @dataclasses.dataclass
 class Preflight:

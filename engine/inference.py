@@ -84,7 +84,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
     if checkpoint != "final":
         weights = run_dir / f"{checkpoint}.weights.h5"
         if not weights.is_file():
-            raise RunError(f"{weights} does not exist")
+            kept = options.get("keep_checkpoints", "all")
+            raise RunError(f"{weights} does not exist" + (
+                f" (the run kept {kept!r} checkpoints, --keep-checkpoints; model.keras holds the final "
+                f"weights: --checkpoint final)" if kept != "all" else ""))
         try:
             with warnings.catch_warnings():
                 # The checkpoint also holds its optimizer; only the model's weights are wanted.

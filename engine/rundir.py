@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from errors import UserInputError
 
-class OutputDirError(OSError):
+# The files of a run directory that hold weights.
+INITIAL, LAST, BEST, MODEL_FILE = "initial.weights.h5", "last.weights.h5", "best.weights.h5", "model.keras"
+
+
+class OutputDirError(UserInputError, OSError):
     """The output folder cannot be created or written."""
 
 
-class RunError(ValueError):
+class RunError(UserInputError, ValueError):
     """A run directory or model file that cannot be used."""
 
 
@@ -52,11 +58,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 def read_history(run_dir: str | Path) -> dict[str, list[float]]:
     """history.csv as {column: [value per epoch]} (NaN for an empty or `NA` cell, which Keras'
     CSVLogger writes for validation columns of a run without validation; {} without the file)."""
-    path = Path(run_dir) / "history.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv_rows(Path(run_dir) / "history.csv")
     if not rows:
         return {}
     return {k: [float(r[k]) if r[k] not in ("", "NA", None) else float("nan") for r in rows] for k in rows[0]}
@@ -71,6 +73,23 @@ def truncate_csv(path: Path, rows: int) -> None:
         tmp.write_text("".join(lines[: rows + 1]))
 
 
+def write_csv(path: Path, rows: list[dict], missing: str = "") -> None:
+    """Rows as CSV, written whole and atomically; `missing` where a row has no value."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows({k: missing if row.get(k) is None else row[k] for k in columns} for row in rows)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows as text ([] without the file)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def checkpoint_state(path: Path) -> dict | None:
     """The training state stored with a `last.weights.h5` (None for a file without it):
     the epochs done, the best epoch so far and the random generators' state."""
@@ -79,6 +98,15 @@ def checkpoint_state(path: Path) -> dict | None:
     with h5py.File(path, "r") as f:
         text = f.attrs.get("training_state")
     return json.loads(text) if text is not None else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from engine.backend import loss_and_gradients
-from engine.rundir import atomic_write
+from engine.rundir import atomic_write, write_csv
 from model.structure import activation_points, layer_group
 
 
@@ -132,11 +132,7 @@ def read_rows(path: Path, limit: int) -> list[dict]:
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     """Rows as CSV; empty cells where a row has no value (e.g. a frozen group's gradient)."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows({k: "" if row.get(k) is None else row[k] for k in columns} for row in rows)
+    write_csv(path, rows)
 
 
 def plot_stability(rows: list[dict], path: Path) -> None:
@@ -179,7 +175,8 @@ def plot_stability(rows: list[dict], path: Path) -> None:
     if bad:
         fig.suptitle(f"non-finite loss in epoch {bad[0]}: training stopped", color="red")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

@@ -1,12 +1,16 @@
-"""`run_training`: one training run, from a data folder to a complete run directory."""
+"""`run_training`: one training run, from a data folder to a complete run directory.
+
+The steps, each a function a reader finds here: `load_data` (decode the splits once),
+`build_run_model` (the starting point), `start_run_dir` (initial weights and config.json;
+a resume reconciles the interrupted directory instead, see engine.resume), `train_model`
+(`fit_phases` with the run's callbacks), `score_and_write` (model.keras, metrics.json) and
+`finish_run_dir` (the checkpoints --keep-checkpoints does not keep).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import shutil
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -14,17 +18,37 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example
+from data.discovery import DatasetError, Example, Splits
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine.backend import enable_determinism, environment, peak_memory_mb
-from engine.callbacks import Checkpoints, EpochTimer, NonFiniteGuard, restore_seed_states
+from engine.callbacks import (
+    Checkpoints,
+    EpochTimer,
+    HistoryCSV,
+    NonFiniteGuard,
+    load_model_weights,
+    restore_seed_states,
+    save_weights,
+)
 from engine.config import Preflight, TrainConfig, preflight
 from engine.metrics import classification_report, format_table, result_rows, results_row
-from engine.rundir import atomic_write, checkpoint_state, read_history, truncate_csv, write_json
+from engine.resume import reconcile_run_dir
+from engine.rundir import (
+    BEST,
+    INITIAL,
+    LAST,
+    MODEL_FILE,
+    atomic_write,
+    checkpoint_state,
+    file_sha256,
+    read_history,
+    write_json,
+)
 from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
 from engine.stability import StabilityMonitor
 from model import build_model, load_initial_weights
 from model.structure import set_backbone_trainable
+from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_backbone_weights
 
 
 class DivergedError(RuntimeError):
@@ -91,59 +115,72 @@ def fit_phases(
     and training goes on from the next epoch. Returns the history of the epochs it ran
     (history.csv holds all of them).
     """
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     history: dict[str, list[float]] = defaultdict(list)
     optimizer, epoch = None, 0
     state = checkpoint_state(resume_from) if resume_from else None
     done = state["epoch"] if state else 0
     for i, phase in enumerate(phases):
-        end = epoch + phase.epochs
+        first, end = epoch, epoch + phase.epochs
+        epoch = end
         if done > end:  # finished before the checkpoint's phase
-            epoch = end
             continue
-        restoring = state is not None and epoch < done <= end
-        blocks = set_backbone_trainable(model, phase.backbone_blocks, phase.train_batchnorm)
-        # Step counts at a phase's start: epochs so far times batches per epoch, as the run made them.
-        start_step = int(keras.ops.convert_to_numpy(optimizer.iterations)) if optimizer else epoch * len(train_batches)
-        previous, optimizer = optimizer, keras.optimizers.Adam(
-            phase_learning_rate(phase, len(train_batches), start_step)
-        )
-        model.compile(optimizer=optimizer, loss=loss,
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-        optimizer.build(model.trainable_variables)
-        if restoring:
-            model.load_weights(resume_from)  # weights and this phase's optimizer state
-            restore_seed_states(model, state["seed_states"])
-            log(f"Resumed after epoch {done} (phase {phase.name}) from {resume_from}")
+        previous, optimizer, blocks = optimizer, *_compile_phase(model, phase, optimizer, len(train_batches), first)
+        if state is not None and first < done <= end:  # the checkpoint's phase: its state, not the carried one
+            _restore_checkpoint(model, resume_from, state, phase, log)
+            previous, first = None, done
             if done == end:  # the checkpoint closed this phase: the next one starts afresh
-                epoch = end
                 continue
-            previous = None
         carried = carry_optimizer_state(previous, optimizer) if previous else 0
         for callback in callbacks:
             if isinstance(callback, StabilityMonitor):
                 callback.phase = phase.name
-        log(f"Phase {phase.name}: epochs {epoch + 1}-{epoch + phase.epochs}, "
-            f"{len(model.trainable_variables)} trainable tensors, backbone blocks training: "
-            f"{_describe_blocks(blocks, phase.backbone_blocks)}, lr {phase.learning_rate:g} "
-            f"({phase.schedule}{f', warmup {phase.warmup_epochs:g} epochs' if phase.warmup_epochs else ''})"
-            + (f", {carried} optimizer variables carried over" if previous else ""))
+        _log_phase(log, phase, first, end, model, blocks, carried if previous else None)
         phase_history = model.fit(
             train_batches,
             validation_data=val_batches,
-            initial_epoch=done if restoring else epoch,
+            initial_epoch=first,
             epochs=end,
             shuffle=False,  # The order is the pipeline's own seeded permutation.
             callbacks=_before_checkpoints(
-                callbacks, keras.callbacks.CSVLogger(str(history_csv), append=i > 0 or done > 0)),
+                callbacks, HistoryCSV(history_csv, append=i > 0 or done > 0)),
             verbose=verbose,
         ).history
         for key, values in phase_history.items():
             history[key] += values
-        epoch = (done if restoring else epoch) + len(phase_history.get("loss", []))
         if model.stop_training:
             break
     return dict(history)
+
+
+def _compile_phase(model: keras.Model, phase: Phase, previous: keras.optimizers.Optimizer | None,
+                   steps_per_epoch: int, epoch: int) -> tuple[keras.optimizers.Optimizer, list[str]]:
+    """Sets what trains in `phase` and compiles the model with the phase's new Adam (built, so
+    a checkpoint or the previous phase's state can be loaded into it)."""
+    blocks = set_backbone_trainable(model, phase.backbone_blocks, phase.train_batchnorm)
+    # Step counts at a phase's start: epochs so far times batches per epoch, as the run made them.
+    start_step = int(keras.ops.convert_to_numpy(previous.iterations)) if previous else epoch * steps_per_epoch
+    optimizer = keras.optimizers.Adam(phase_learning_rate(phase, steps_per_epoch, start_step))
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    optimizer.build(model.trainable_variables)
+    return optimizer, blocks
+
+
+def _restore_checkpoint(model: keras.Model, path: Path, state: dict, phase: Phase, log: Callable[[str], None]) -> None:
+    """Loads a `last.weights.h5` into the model compiled for its phase: weights, that phase's
+    optimizer state and the dropout generators."""
+    model.load_weights(path)
+    restore_seed_states(model, state["seed_states"])
+    log(f"Resumed after epoch {state['epoch']} (phase {phase.name}) from {path}")
+
+
+def _log_phase(log: Callable[[str], None], phase: Phase, first: int, end: int, model: keras.Model,
+               blocks: list[str], carried: int | None) -> None:
+    log(f"Phase {phase.name}: epochs {first + 1}-{end}, "
+        f"{len(model.trainable_variables)} trainable tensors, backbone blocks training: "
+        f"{_describe_blocks(blocks, phase.backbone_blocks)}, lr {phase.learning_rate:g} "
+        f"({phase.schedule}{f', warmup {phase.warmup_epochs:g} epochs' if phase.warmup_epochs else ''})"
+        + (f", {carried} optimizer variables carried over" if carried is not None else ""))
 
 
 def _before_checkpoints(callbacks: list, csv_logger) -> list:
@@ -167,107 +204,130 @@ def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cach
     return np.asarray(logits, dtype=np.float32), batches.labels
 
 
-def _evaluate(model, val, test, cfg: TrainConfig, cache, classes: list[str], leaked: set[str]) -> dict:
+def _evaluate(model: keras.Model, data: RunData, cfg: TrainConfig) -> dict:
+    """The classification report of the validation and test splits (and of the test images
+    with no twin in the training pool, when the run looked for twins)."""
+    classes, cache = data.splits.classes, data.cache
     reports = {
-        "val": classification_report(*_predict(model, val, cfg, cache), classes) if val else None,
-        "test": classification_report(*_predict(model, test, cfg, cache), classes) if test else None,
+        "val": classification_report(*_predict(model, data.val, cfg, cache), classes) if data.val else None,
+        "test": classification_report(*_predict(model, data.test, cfg, cache), classes) if data.test else None,
     }
-    clean = [e for e in test if e.path not in leaked]
-    if cfg.finds_twins and clean:  # the test images with no twin in the training pool
+    leaked = set(data.splits.leaked_test)
+    clean = [e for e in data.test if e.path not in leaked]
+    if cfg.finds_twins and clean:
         reports["test_leakage_free"] = classification_report(*_predict(model, clean, cfg, cache), classes)
     return reports
 
 
-def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print,
-                 resume: bool = False) -> dict:
-    """Trains the classifier as `cfg` says and fills the run directory.
+@dataclasses.dataclass
+class RunData:
+    """A run's splits after decoding: the examples that can be read, and what was skipped."""
 
-    Writes config.json, initial.weights.h5, history.csv, last.weights.h5, best.weights.h5,
-    stability.csv, stability.png, model.keras, skipped.txt and metrics.json; returns the
-    metrics. Raises `DivergedError` on a non-finite loss (without writing the model or
-    the metrics; the checkpoints hold the last good epoch) and `RunStoppedError` when an OS
-    error (e.g. a full disk) stops it (the last checkpoint stays whole). With `resume`, `cfg.out` is an
-    interrupted run of these options: it goes on after its last checkpointed epoch.
-    """
-    backend = keras.backend.backend()
-    checked = checked or preflight(cfg, resume=resume)
+    splits: Splits
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    skipped: list[tuple[str, str]]
+    cache: DecodedCache | None
+
+    @property
+    def counts(self) -> dict:
+        """Images per split and class, as trained on (a resume checks them)."""
+        return dataclasses.replace(self.splits, train=self.train, val=self.val, test=self.test).counts()
+
+
+def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) -> RunData:
+    """Decodes every split once (into the cache), lists the files that could not be read in
+    skipped.txt, and writes leakage.json when the run looks for twins."""
     run_dir, splits = checked.run_dir, checked.splits
-    log(f"Run directory: {run_dir}")
-    log(f"Backend: {backend}; classes: {', '.join(splits.classes)}; test set: {splits.test_source}")
-
     cache = DecodedCache() if cfg.cache else None
-    train, skipped_train = _scan("training", splits.train, cfg, cache, log)
-    val, skipped_val = _scan("validation", splits.val, cfg, cache, log)
-    test, skipped_test = _scan("test", splits.test, cfg, cache, log)
-    skipped = skipped_train + skipped_val + skipped_test
-    (run_dir / "skipped.txt").write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    decoded = {name: _scan(name, examples, cfg, cache, log)
+               for name, examples in (("training", splits.train), ("validation", splits.val), ("test", splits.test))}
+    skipped = [item for _, skipped in decoded.values() for item in skipped]
+    with atomic_write(run_dir / "skipped.txt") as tmp:
+        tmp.write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
     if skipped:
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
-    if not train:
+    if not decoded["training"][0]:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
     if cfg.finds_twins:
-        _record_leakage(run_dir, cfg, splits, len(test), log)
-    counts = dataclasses.replace(splits, train=train, val=val, test=test).counts()
+        _record_leakage(run_dir, cfg, splits, len(decoded["test"][0]), log)
+    return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache)
 
-    determinism = enable_determinism() if cfg.deterministic else None
+
+def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool) -> keras.Model:
+    """The model at its starting point: the backbone's weights (or the whole --init-weights
+    file) loaded, the other layers initialised from --seed. Resuming, every variable comes
+    from the checkpoint, so the backbone's start does not matter and nothing is loaded."""
     keras.utils.set_random_seed(cfg.seed)
-    last = run_dir / "last.weights.h5"
-    state = checkpoint_state(last) if resume else None
-    # Resuming, every variable comes from the checkpoint: the backbone's start does not matter.
-    model = build_model(cfg.model_spec(), len(splits.classes), cfg.image_size, "none" if resume else cfg.weights)
+    model = build_model(cfg.model_spec(), num_classes, cfg.image_size, "none" if resume else cfg.weights)
     if cfg.init_weights and not resume:
         load_initial_weights(model, cfg.init_weights)
-    phases = plan_phases(cfg)
-    if resume:
-        done = state["epoch"]
-        config = json.loads((run_dir / "config.json").read_text())
-        if config.get("counts") not in (None, counts):
-            raise DatasetError(f"--resume: the data changed since the run started (images per split and class "
-                               f"were {config['counts']}, now {counts}); start a new run")
-        best = run_dir / "best.weights.h5"
-        if state["best_epoch"] == done and (not best.exists() or (checkpoint_state(best) or {}).get("epoch") != done):
-            with atomic_write(best) as tmp:  # the crash came between the two files
-                shutil.copyfile(last, tmp)
-        for name in ("history.csv", "stability.csv"):  # rows past the checkpoint are redone
-            truncate_csv(run_dir / name, done)
-        config["resumed"] = [*config.get("resumed", []), {"after_epoch": done, "environment": environment()}]
-        write_json(run_dir / "config.json", config)
-    else:
-        done = 0
-        model.save_weights(run_dir / "initial.weights.h5")
-        _write_config(run_dir, cfg, phases, splits, counts, skipped, cache, determinism)
+    return model
 
-    train_batches = training_batches(cfg, train, cache)
+
+def start_run_dir(run_dir: Path, cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData,
+                  determinism: dict | None) -> None:
+    """initial.weights.h5 (a run started from an --init-weights file records that file and
+    its SHA-256 instead of copying it) and config.json."""
+    start = Path(cfg.init_weights) if cfg.init_weights else run_dir / INITIAL
+    if not cfg.init_weights:
+        save_weights(model, start)
+    _write_config(run_dir, cfg, phases, data, determinism, start)
+
+
+def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData, run_dir: Path,
+                state: dict | None, log: Callable[[str], None]) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
+    """Fits the phases with the run's callbacks (from the checkpoint's epoch when `state` is a
+    resumed run's); raises `DivergedError` when the loss became non-finite."""
+    train_batches = training_batches(cfg, data.train, data.cache)
     val_batches = (
-        MRIBatches(val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers)
-        if val else None
+        MRIBatches(data.val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=data.cache, workers=cfg.workers)
+        if data.val else None
     )
-    monitor = "val_accuracy" if val else "accuracy"
-    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, monitor, state)
-    stability = StabilityMonitor(*probe_batch(cfg, train, cache), run_dir, resume_epochs=done)
+    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state)
+    stability = StabilityMonitor(*probe_batch(cfg, data.train, data.cache), run_dir,
+                                 resume_epochs=state["epoch"] if state else 0)
     with _os_errors_stop_the_run(checkpoints, run_dir):
         fit_phases(
             model, phases, train_batches, val_batches,
             # Order matters: the timer and the stability log add to the logs history.csv gets.
-            [EpochSync(train_batches), EpochTimer(len(train)), guard, stability, checkpoints],
-            run_dir / "history.csv", cfg.verbose, log, resume_from=last if resume else None,
+            [EpochSync(train_batches), EpochTimer(len(data.train)), guard, stability, checkpoints],
+            run_dir / "history.csv", cfg.verbose, log, resume_from=run_dir / LAST if state else None,
         )
-    history = read_history(run_dir)  # every epoch, also those before a resume
     if guard.event:
-        raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir))
-    with _os_errors_stop_the_run(checkpoints, run_dir), atomic_write(run_dir / "model.keras") as tmp:
-        model.save(tmp)
+        raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir, cfg))
+    return checkpoints, stability, train_batches
 
-    leaked = set(splits.leaked_test)
-    final = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
+
+def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir: Path, phases: list[Phase],
+                    trained: tuple[Checkpoints, StabilityMonitor, MRIBatches], log: Callable[[str], None]) -> dict:
+    """model.keras (the final weights), the metrics of the final and the best epoch's weights
+    in metrics.json, and the results table in the log."""
+    checkpoints = trained[0]
+    with _os_errors_stop_the_run(checkpoints, run_dir):
+        save_model_file(model, run_dir / MODEL_FILE)
+    final = _evaluate(model, data, cfg)
+    load_model_weights(model, run_dir / BEST)
+    best = _evaluate(model, data, cfg)
+    history = read_history(run_dir)  # every epoch, also those before a resume
+    metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
+    with _os_errors_stop_the_run(checkpoints, run_dir):
+        write_json(run_dir / "metrics.json", metrics)
+    backend = metrics["backend"]
+    log("\n" + results_table({
+        f"{backend} (final)": metrics,
+        f"{backend} (best, epoch {checkpoints.best_epoch})": metrics["best"],
+    }))
+    return metrics
+
+
+def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,
+             trained: tuple[Checkpoints, StabilityMonitor, MRIBatches], data: RunData) -> dict:
+    checkpoints, stability, train_batches = trained
     best_epoch = checkpoints.best_epoch - 1
-    with warnings.catch_warnings():
-        # The file also holds the optimizer of its epoch's phase; only the model's weights matter here.
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        model.load_weights(run_dir / "best.weights.h5")
-    best = _evaluate(model, val, test, cfg, cache, splits.classes, leaked)
-    metrics = {
-        "backend": backend,
+    return {
+        "backend": keras.backend.backend(),
         "model": cfg.model,
         "epochs": len(history["loss"]),
         "phases": [{"name": p.name, "epochs": p.epochs} for p in phases],
@@ -275,7 +335,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         **final,
         "best": {
             "epoch": best_epoch + 1,
-            "monitor": monitor,
+            "monitor": checkpoints.monitor,
             "train": {"loss": history["loss"][best_epoch], "accuracy": history["accuracy"][best_epoch]},
             **best,
         },
@@ -286,35 +346,70 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
         "train_images_per_second": float(np.mean(history["images_per_second"])),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "stability": stability.summary(),
-        "counts": counts,
-        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "counts": data.counts,
+        "skipped": [{"path": p, "reason": r} for p, r in data.skipped],
         "failed_during_training": [{"path": p, "reason": r} for p, r in train_batches.failed],
     }
-    with _os_errors_stop_the_run(checkpoints, run_dir):
-        write_json(run_dir / "metrics.json", metrics)
-    log("\n" + results_table({
-        f"{backend} (final)": metrics,
-        f"{backend} (best, epoch {best_epoch + 1})": metrics["best"],
-    }))
+
+
+def finish_run_dir(run_dir: Path, keep: str) -> None:
+    """Removes the checkpoints that `--keep-checkpoints` does not keep, once metrics.json is
+    written (until then they are what a resume needs): `best` drops last.weights.h5 (model.keras
+    holds the same weights without Adam's moments), `none` drops best.weights.h5 too."""
+    drop = {"all": (), "best": (LAST,), "none": (LAST, BEST)}[keep]
+    for name in drop:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callable[[str], None] = print,
+                 resume: bool = False) -> dict:
+    """Trains the classifier as `cfg` says and fills the run directory; returns the metrics.
+
+    The steps: `load_data`, `build_run_model`, `start_run_dir` (or, with `resume`,
+    `reconcile_run_dir` of the interrupted run in `cfg.out`), `train_model`, `score_and_write`,
+    `finish_run_dir`. Writes config.json, initial.weights.h5, history.csv, the checkpoints,
+    stability.csv/png, model.keras, skipped.txt and metrics.json. Raises `DivergedError` on a
+    non-finite loss (without writing the model or the metrics; the checkpoints hold the last
+    good epoch) and `RunStoppedError` when an OS error (e.g. a full disk) stops it (the last
+    checkpoint stays whole).
+    """
+    checked = checked or preflight(cfg, resume=resume)
+    run_dir = checked.run_dir
+    log(f"Run directory: {run_dir}")
+    log(f"Backend: {keras.backend.backend()}; classes: {', '.join(checked.splits.classes)}; "
+        f"test set: {checked.splits.test_source}")
+    data = load_data(cfg, checked, log)
+    determinism = enable_determinism() if cfg.deterministic else None
+    model = build_run_model(cfg, len(data.splits.classes), resume)
+    phases = plan_phases(cfg)
+    state = reconcile_run_dir(run_dir, data.counts) if resume else None
+    if not resume:
+        start_run_dir(run_dir, cfg, model, phases, data, determinism)
+    trained = train_model(cfg, model, phases, data, run_dir, state, log)
+    metrics = score_and_write(model, cfg, data, run_dir, phases, trained, log)
+    finish_run_dir(run_dir, cfg.keep_checkpoints)
     log(f"\nRun directory: {run_dir}")
     return metrics
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], splits, counts: dict, skipped: list,
-                  cache, determinism) -> None:
-    """config.json: every option, the phases, the data and the environment of the run."""
+def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: RunData, determinism: dict | None,
+                  start: Path) -> None:
+    """config.json: every option, the phases, the data, the starting weights' SHA-256 and the
+    environment of the run."""
+    splits = data.splits
     write_json(run_dir / "config.json", {
         "options": dataclasses.asdict(cfg),
         "phases": [dataclasses.asdict(p) for p in phases],
         "classes": splits.classes,
         "test_source": splits.test_source,
-        "counts": counts,
-        "skipped_files": len(skipped),
+        "counts": data.counts,
+        "skipped_files": len(data.skipped),
         "leakage": {"dropped_training_images": len(splits.dropped),
                     "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.finds_twins else None,
         "ignored_files": len(splits.ignored),
-        "decoded_cache_mb": round(cache.nbytes / 2**20, 1) if cache is not None else 0,
+        "decoded_cache_mb": round(data.cache.nbytes / 2**20, 1) if data.cache is not None else 0,
         "deterministic": determinism,
+        "starting_weights": starting_weights_record(cfg.weights, start),
         "environment": environment(),
     })
 
@@ -334,12 +429,39 @@ def _record_leakage(run_dir: Path, cfg: TrainConfig, splits, test_count: int, lo
         + f" (list in {run_dir / 'leakage.json'})")
 
 
-def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path) -> str:
+def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path, cfg: TrainConfig) -> str:
+    start = cfg.init_weights or run_dir / INITIAL
     kept = (f"the last good weights (epoch {checkpoints.last_epoch}) are in {checkpoints.last}"
-            if checkpoints.last_epoch else f"no epoch finished; the starting weights are in {run_dir / 'initial.weights.h5'}")
+            if checkpoints.last_epoch else f"no epoch finished; the starting weights are in {start}")
     return (f"non-finite loss ({event['loss']}) in epoch {event['epoch']}, batch {event['batch']}: training stopped; "
             f"{kept}; {run_dir / 'stability.csv'} shows the gradient norms and activations that led there "
             f"(try a lower learning rate)")
+
+
+def save_model_file(model: keras.Model, path: Path) -> None:
+    """model.keras for inference and export, written atomically: the architecture and the
+    weights, not the optimizer's state (Adam's moments would double the file; a resume
+    reads last.weights.h5)."""
+    optimizer = model.optimizer
+    model.optimizer = None  # Keras' .keras format saves whatever optimizer the model holds
+    try:
+        with atomic_write(path) as tmp:
+            model.save(tmp)
+    finally:
+        model.optimizer = optimizer
+
+
+def starting_weights_record(weights: str, start: Path) -> dict:
+    """Which files a run started from, by SHA-256: the backbone's file (None for random
+    weights) and the whole model's starting weights. Runs that should share a start (a
+    compare cell's backends) can be checked from their config.json alone."""
+    backbone = resolve_backbone_weights(weights)
+    if backbone == "imagenet":  # Keras downloaded it during the build: it is in the cache now
+        backbone = str(keras_models_dir() / IMAGENET_NOTOP_FILE)
+    return {
+        "backbone": {"file": backbone, "sha256": file_sha256(backbone)} if backbone else None,
+        "initial": {"file": str(start), "sha256": file_sha256(start)},
+    }
 
 
 @contextlib.contextmanager

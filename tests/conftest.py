@@ -63,7 +63,7 @@ def trained_run(demo_dir, tmp_path_factory) -> Path:
     cfg = TrainConfig(
         data_dir=str(demo_dir), out=str(run_dir), image_size=64, batch_size=8, epochs=2, learning_rate=1e-3,
         weights="none", model="hybrid", cut="conv3", head_blocks=1, head_filters=32, augment="none",
-        verbose=0,
+        verbose=0, keep_checkpoints="all",  # every file, for the tests of --checkpoint and --resume
     )
     run_training(cfg, log=lambda _: None)
     return run_dir

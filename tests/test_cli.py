@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from engine.rundir import file_sha256
 from model import weights as weights_module
 from tests.conftest import BACKENDS, ROOT, active_backend, cli_env, make_layout
 
@@ -126,11 +127,13 @@ def test_one_epoch_train_writes_every_run_file(demo_dir, tmp_path):
         assert f"| {row} |" in result.output
 
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {
+    assert names == {  # --keep-checkpoints best: last.weights.h5 went once the run finished
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
-        "last.weights.h5", "metrics.json", "skipped.txt", "stability.csv", "stability.png",
+        "metrics.json", "skipped.txt", "stability.csv", "stability.png",
     }
     config = json.loads((run_dir / "config.json").read_text())
+    assert config["starting_weights"]["initial"]["sha256"] == file_sha256(run_dir / "initial.weights.h5")
+    assert config["starting_weights"]["backbone"] is None  # --weights none
     assert config["environment"]["backend"] == active_backend()
     assert config["environment"]["versions"]["keras"] == keras.__version__
     assert config["options"]["image_size"] == 32 and config["options"]["weights"] == "none"

@@ -13,13 +13,16 @@ import pytest
 from engine.compare import (
     FACTORS,
     Run,
+    child_options,
     epoch_divergence,
     main_effects,
     plan_runs,
     seed_spread,
     summarise,
     train_command,
+    unshared_starts,
 )
+from engine.rundir import file_sha256
 from model import weights as weights_module
 from tests.conftest import ROOT, active_backend, cli_env
 
@@ -48,16 +51,25 @@ def test_plan_runs_is_the_full_grid_with_backends_innermost():
     assert plan_runs(("jax",), {}, [2])[0].dirname == "seed2/jax"
 
 
-def test_train_command_pins_the_cell_the_seed_and_the_weights_file(tmp_path):
+def test_a_child_run_gets_its_cell_seed_and_weights_file_through_a_config_file(tmp_path):
     run = Run("jax", (("preprocess", "imagenet"),), seed=3)
     options = {"data_dir": "d", "preprocess": "caffe", "learning_rate": 5e-4, "cache": False,
-               "crop_scale": (0.5, 1.0), "init_weights": None, "seed": 0}
-    args = train_command(options, run, tmp_path / "w.weights.h5", tmp_path / "out", deterministic=True)
-    text = " ".join(args)
-    assert "--preprocess imagenet" in text and "--preprocess caffe" not in text
-    assert "--seed 3" in text and "--lr 0.0005" in text and "--no-cache" in text
-    assert "--crop-scale 0.5,1.0" in text and f"--init-weights {tmp_path / 'w.weights.h5'}" in text
-    assert args[-1] == "--deterministic"
+               "crop_scale": (0.5, 1.0), "init_weights": None, "deterministic": True}
+    child = child_options(options, run, tmp_path / "w.weights.h5")
+    assert child["preprocess"] == "imagenet" and child["seed"] == 3 and child["deterministic"] is True
+    assert child["init_weights"] == str(tmp_path / "w.weights.h5") and options["preprocess"] == "caffe"
+    args = train_command(tmp_path / "child.json", tmp_path / "out")
+    assert args[2:] == ["train", "--config", str(tmp_path / "child.json"), "--out", str(tmp_path / "out")]
+    assert train_command(tmp_path / "child.json", tmp_path / "out", resume=True)[-2:] == ["--resume", str(tmp_path / "out")]
+
+
+def test_runs_of_a_cell_that_started_from_different_files_are_reported():
+    same = [{"cell": "preprocess=caffe", "seed": 0, "start_sha256": "a"}, {"cell": "preprocess=caffe", "seed": 0, "start_sha256": "a"},
+            {"cell": "preprocess=caffe", "seed": 1, "start_sha256": "b"}]
+    assert unshared_starts(same) == []
+    mixed = [*same, {"cell": "preprocess=caffe", "seed": 1, "start_sha256": "c"}]
+    (problem,) = unshared_starts(mixed)
+    assert problem["run"] == "preprocess=caffe seed 1" and "SHA-256 b, c" in problem["reason"]
 
 
 def test_main_effects_average_over_the_other_axes():
@@ -133,12 +145,13 @@ def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_
     # Every backend started from its model's one weights file, loaded bit for bit.
     for model in ("resnet50", "hybrid"):
         runs = [r for r in report["runs"] if r["cell"] == f"model={model}"]
-        starts = [h5_arrays(ROOT / r["run_dir"] / "initial.weights.h5") for r in runs]
-        assert len(starts) == 2 and starts[0].keys() == starts[1].keys()
-        assert all(np.array_equal(starts[0][k], starts[1][k]) for k in starts[0])
         configs = [json.loads((ROOT / r["run_dir"] / "config.json").read_text()) for r in runs]
         assert {c["options"]["model"] for c in configs} == {model}
-        assert len({c["options"]["init_weights"] for c in configs}) == 1
+        (start,) = {c["options"]["init_weights"] for c in configs}  # one file, recorded, not copied
+        assert not any((ROOT / r["run_dir"] / "initial.weights.h5").exists() for r in runs)
+        assert {c["starting_weights"]["initial"]["sha256"] for c in configs} == {file_sha256(start)}
+        assert {r["start_sha256"] for r in runs} == {file_sha256(start)}
+        starts = [h5_arrays(start)]
         assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
     assert any(a.shape == (3, 3, 1024, 16) for a in starts[0].values())  # the hybrid's head conv
 

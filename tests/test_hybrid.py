@@ -291,7 +291,7 @@ def test_hybrid_command_trains_two_phases_and_writes_every_run_file(demo_dir, tm
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Phase head: epochs 1-1" in result.stdout and "Phase finetune: epochs 2-3" in result.stdout
     assert {p.name for p in run_dir.iterdir()} == {
-        "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5", "last.weights.h5",
+        "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
         "metrics.json", "skipped.txt", "stability.csv", "stability.png",
     }
     config = json.loads((run_dir / "config.json").read_text())

@@ -17,7 +17,7 @@ import keras
 import pytest
 
 from data.demo import make_demo_data
-from engine.compare import Run, _resumable, train_command
+from engine.compare import _resumable, train_command
 from engine.rundir import atomic_write, checkpoint_state
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import run_cli
@@ -103,10 +103,10 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     run_dir = tmp_path / "run"
     args = ["train", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "4",
             "--weights", "none", "--val-split", "0", "--epochs", "2", "--verbose", "0", "--out", str(run_dir)]
-    save_weights = keras.Model.save_weights
+    save_weights = keras.saving.save_weights  # what every checkpoint goes through
     checkpoints = []
 
-    def disk_full_at_the_second_checkpoint(self, filepath, *a, **kw):
+    def disk_full_at_the_second_checkpoint(model, filepath, *a, **kw):
         name = os.path.basename(filepath)
         if name.startswith(".") and name.endswith("last.weights.h5"):  # the checkpoint's temporary file
             checkpoints.append(filepath)
@@ -114,9 +114,9 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
                 with open(filepath, "wb") as f:  # what a full disk leaves: part of a file
                     f.write(b"\0" * 4096)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filepath))
-        return save_weights(self, filepath, *a, **kw)
+        return save_weights(model, filepath, *a, **kw)
 
-    monkeypatch.setattr(keras.Model, "save_weights", disk_full_at_the_second_checkpoint)
+    monkeypatch.setattr(keras.saving, "save_weights", disk_full_at_the_second_checkpoint)
     result = run_cli(*args)
     assert result.exit_code == 1, result.output
     message = result.stderr.strip()
@@ -180,6 +180,5 @@ def test_compare_resumes_an_interrupted_backend_and_restarts_one_without_a_check
     assert _resumable(trained_run)  # a checkpoint with its training state
     (tmp_path / "last.weights.h5").write_bytes(b"cut short")
     assert not _resumable(tmp_path) and not _resumable(tmp_path / "nowhere")
-    args = train_command({"data_dir": "d", "epochs": 2}, Run("torch", (), 0), tmp_path / "w.h5", trained_run, False,
-                         resume=True)
+    args = train_command(tmp_path / "child.json", trained_run, resume=True)
     assert args[-2:] == ["--resume", str(trained_run)] and args[args.index("--out") + 1] == str(trained_run)

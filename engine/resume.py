@@ -1,0 +1,82 @@
+"""--resume: go on with an interrupted run after its last checkpointed epoch.
+
+`resume_config` reads the run's own options (before any backend loads); `reconcile_run_dir`
+brings the directory back to the checkpoint before training goes on: the data must be the
+same, a best checkpoint cut short is repaired, rows past the checkpoint are dropped. The
+checkpoint's phase is rebuilt and loaded by `engine.train.fit_phases`. Keras-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+from data.discovery import DatasetError
+from engine.backend import environment, selected_backend
+from engine.config import ConfigError, TrainConfig
+from engine.rundir import BEST, LAST, atomic_write, checkpoint_state, truncate_csv, write_json
+
+# Files with a row per epoch: rows past the checkpoint are trained again.
+PER_EPOCH_FILES = ("history.csv", "stability.csv")
+
+
+def _training_state(run_dir: Path) -> dict:
+    """The training state of the run's last checkpoint; ConfigError when there is none."""
+    last = run_dir / LAST
+    if not last.is_file():
+        raise ConfigError(f"--resume {run_dir}: no epoch finished there (no {LAST}); start it again "
+                          f"without --resume")
+    try:
+        state = checkpoint_state(last)
+    except OSError as e:
+        raise ConfigError(f"--resume {run_dir}: {last} is not readable ({e})") from None
+    if state is None:
+        raise ConfigError(f"--resume {run_dir}: {last} holds no training state (written before --resume existed)")
+    return state
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig | None:
+    """The options of the interrupted run in `run_dir`, or None when it already finished.
+
+    Raises `ConfigError` when there is nothing to resume or it trained under another backend.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    if (run_dir / "metrics.json").is_file():
+        return None
+    _training_state(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        options = config["options"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--resume {run_dir}: config.json is not readable ({e})") from None
+    trained_under = config.get("environment", {}).get("backend")
+    if trained_under and trained_under != selected_backend():
+        raise ConfigError(f"--resume {run_dir}: the run trained under {trained_under}; resume it with "
+                          f"KERAS_BACKEND={trained_under} (a run that switches backends measures neither)")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
+    return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
+
+
+def reconcile_run_dir(run_dir: Path, counts: dict) -> dict:
+    """Brings an interrupted run directory back to its last checkpoint; returns that
+    checkpoint's training state. Raises `DatasetError` when the data changed since."""
+    state = _training_state(run_dir)
+    done = state["epoch"]
+    config = json.loads((run_dir / "config.json").read_text())
+    if config.get("counts") not in (None, counts):
+        raise DatasetError(f"--resume: the data changed since the run started (images per split and class "
+                           f"were {config['counts']}, now {counts}); start a new run")
+    best, last = run_dir / BEST, run_dir / LAST
+    if state["best_epoch"] == done and (not best.exists() or (checkpoint_state(best) or {}).get("epoch") != done):
+        with atomic_write(best) as tmp:  # the crash came between the two files
+            shutil.copyfile(last, tmp)
+    for name in PER_EPOCH_FILES:
+        truncate_csv(run_dir / name, done)
+    config["resumed"] = [*config.get("resumed", []), {"after_epoch": done, "environment": environment()}]
+    write_json(run_dir / "config.json", config)
+    return state
