@@ -1,10 +1,11 @@
 """The models: the plain ResNet50 classifier and the hybrid (ResNet50 cut + custom CNN head).
 
-`model.weights` and `model.spec` do not import Keras, so options can be checked before a
-backend loads; the builders are imported on first use for the same reason.
+`model.weights`, `model.spec` and `model.factory` do not import Keras, so options can be
+checked before a backend loads; the builders are imported on first use for the same reason.
 """
 
-from model.spec import CUTS, MODELS, ModelSpec, build_model
+from model.factory import build_model
+from model.spec import CUTS, MODELS, ModelSpec
 from model.weights import WeightsError, check_weights_file, load_initial_weights, resolve_backbone_weights
 
 __all__ = [

@@ -43,19 +43,3 @@ class ModelSpec:
         last = self.cut if self.name == "hybrid" else "conv5"
         return sum(n for stage, n in STAGE_BLOCKS.items() if stage <= last)
 
-
-def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
-    """Builds the model `spec` names, with every layer trainable."""
-    if spec.name == "hybrid":
-        from model.hybrid import build_hybrid
-
-        return build_hybrid(
-            num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
-            spec.dropout, spec.bn_momentum, spec.dropout_seed,
-        )
-    from model.classifier import build_classifier
-
-    return build_classifier(
-        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum,
-        dropout_seed=spec.dropout_seed,
-    )

@@ -1,0 +1,27 @@
+"""`build_model`: the one place that turns a `ModelSpec` into a Keras model.
+
+It lives apart from `model.spec` so that the spec module stays free of Keras and of the
+builders (which import the spec's constants): no import cycle. The builders are imported
+on first use, so importing this module does not load Keras either.
+"""
+
+from __future__ import annotations
+
+from model.spec import ModelSpec
+
+
+def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
+    """Builds the model `spec` names, with every layer trainable."""
+    if spec.name == "hybrid":
+        from model.hybrid import build_hybrid
+
+        return build_hybrid(
+            num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
+            spec.dropout, spec.bn_momentum, spec.dropout_seed,
+        )
+    from model.classifier import build_classifier
+
+    return build_classifier(
+        num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum,
+        dropout_seed=spec.dropout_seed,
+    )
