@@ -25,8 +25,8 @@ from engine.options import (
     config_file_option,
     field_names,
 )
+from engine.parity import ParityConfig
 from errors import UserInputError
-from model.spec import MODELS
 
 # Quieter start-up for tensorflow; set before any backend import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -224,8 +224,7 @@ def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None,
 
 @cli.command("bench-pipeline")
 @click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Folder with Training/<class>/*.")
-@click.option("--image-size", default=224, show_default=True, type=click.IntRange(32))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click_options(TrainConfig, ["image_size", "batch_size"])
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(2), help="Epoch 1 is cold, the last warm.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers: int) -> None:
@@ -262,16 +261,9 @@ class BackendList(click.ParamType):
         return tuple(dict.fromkeys(names))
 
 
-@cli.command()
-@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList())
-@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the batch comes from (default: generated phantoms).")
-@click.option("--image-size", default=64, show_default=True, type=click.IntRange(32))
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(2))
-@click.option("--model", default="resnet50", show_default=True, type=click.Choice(MODELS), help="hybrid: with the default --cut, --head-blocks, --head-filters and --se of `hybrid`.")
-@click.option("--precision", default="float32", show_default=True, type=click.Choice(["float32", "mixed_bfloat16"]), help="Keras dtype policy; each has its own tolerances.")
-@click.option("--preprocess", default="caffe", show_default=True, type=click.Choice(["caffe", "imagenet"]))
-@click.option("--lr", "learning_rate", default=0.01, show_default=True, type=float, help="Learning rate of the one SGD step.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@cli.command(cls=GroupedCommand)
+@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="What is checked")
+@click_options(ParityConfig)
 @click.option("--out", default=None, type=click.Path(), help="Folder for parity.json, parity.md and the weights file (default runs/parity-<time>).")
 @click.option("--plant", multiple=True, hidden=True, help="BACKEND:weight|preprocess, a deliberate difference (tests the check).")
 @_user_errors
@@ -280,7 +272,7 @@ def parity(backends, out, plant, **options) -> None:
     import time
     from pathlib import Path
 
-    from engine.parity import PLANTS, ParityConfig, ParityError, format_parity_table, run_parity
+    from engine.parity import PLANTS, ParityError, format_parity_table, run_parity
 
     if len(backends) < 2:
         raise UserError("parity needs at least two backends")
@@ -377,8 +369,7 @@ CHECKPOINT = click.option("--checkpoint", default="final", show_default=True, ty
 @click.option("--data-dir", default=None, type=click.Path(), help="Dataset folder (default: the run's own).")
 @click.option("--split", default="test", show_default=True, help="test, val or train: the run's own split, rebuilt from its options; or a split folder of --data-dir, e.g. Testing.")
 @CHECKPOINT
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@click_options(TrainConfig, ["batch_size", "workers"])
 @_user_errors
 def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, batch_size: int, workers: int) -> None:
     """Score a trained run on a labelled split under the active backend; writes eval-<split>-<backend>.json."""
@@ -396,7 +387,7 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows to this CSV file.")
 @click.option("--threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1), help="Flag low_confidence when the top probability is below this (a classifier answers even for a non-MRI image).")
 @CHECKPOINT
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click_options(TrainConfig, ["batch_size"])
 @_user_errors
 def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
     """Predict the class of images (files or folders). Exit 1 when some could not be read."""

@@ -184,3 +184,46 @@ def config_file_option(config_cls: type) -> Callable:
         is_eager=True, callback=use_file, cls=GroupedOption, group="Run",
         help="Defaults from a JSON file: an earlier run's config.json reproduces it; options given here override it.",
     )
+
+
+def _default_text(param: click.Parameter, ctx: click.Context) -> str:
+    if param.required:
+        return "required"
+    shown = getattr(param, "show_default", None)
+    if isinstance(shown, str):
+        return shown
+    default = param.get_default(ctx, call=False)
+    if callable(default) or default is None or (isinstance(param, click.Option) and not param.show_default):
+        return ""
+    if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
+        return param.opts[0] if default else param.secondary_opts[0]
+    return _shown(default) if isinstance(default, tuple) else str(default)
+
+
+def options_reference(group: click.Group, table: Callable[[list[str], list[list[str]]], str]) -> str:
+    """Markdown: every command of `group` with its options, section by section (docs/options.md).
+
+    `table(header, rows)` renders a Markdown table."""
+    lines = ["# Options", "", "Generated from the command line by `scripts/options-doc`; "
+             "`python cli.py COMMAND --help` shows the same.", ""]
+    for name, command in group.commands.items():
+        if command.hidden:
+            continue
+        ctx = click.Context(command, info_name=name, parent=click.Context(group, info_name="cli.py"))
+        lines += [f"## `{name}`", "", (command.help or "").strip().split("\n\n")[0].replace("\n", " "), ""]
+        arguments = [p.human_readable_name for p in command.params if isinstance(p, click.Argument)]
+        if arguments:
+            lines += [f"Arguments: {' '.join(arguments)}", ""]
+        sections: dict[str, list[list[str]]] = {}
+        for param in command.params:
+            if not isinstance(param, click.Option) or param.hidden:
+                continue
+            flags = " / ".join(f"`{o}`" for o in param.opts + param.secondary_opts)
+            kind = "" if param.is_flag else param.type.get_metavar(param, ctx) or param.type.name.upper()
+            row = [flags, kind or "", _default_text(param, ctx), (param.help or "").replace("|", "\\|")]
+            sections.setdefault(getattr(param, "group", "Options"), []).append(row)
+        for section, rows in sections.items():
+            if len(sections) > 1:
+                lines += [f"### {section}", ""]
+            lines += [table(["option", "value", "default", "what it does"], rows), ""]
+    return "\n".join(lines).rstrip() + "\n"

@@ -16,9 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import click
 import numpy as np
 
+from data.augment import PREPROCESS_MODES
+from engine.config import TrainConfig
+from engine.options import option
 from engine.rundir import write_json
+from model.spec import MODELS
+
+CHECK = "What is checked"
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 PLANTS = ("weight", "preprocess")
@@ -68,17 +75,21 @@ class ParityError(RuntimeError):
 
 @dataclasses.dataclass
 class ParityConfig:
-    """What one parity check computes: which model, input and precision."""
+    """What one parity check computes: which model, input and precision (the `parity`
+    command's options are made from these fields)."""
 
     backends: tuple[str, ...] = ("torch", "tensorflow", "jax")
-    data_dir: str | None = None
-    image_size: int = 64
-    batch_size: int = 4
-    model: str = "resnet50"
-    precision: str = "float32"
-    preprocess: str = "caffe"
-    learning_rate: float = 0.01
-    seed: int = 0
+    data_dir: str | None = option(None, "Where the batch comes from (default: generated phantoms).",
+                                  type=click.Path(exists=True, file_okay=False), group=CHECK)
+    image_size: int = option(64, type=click.IntRange(32), group=CHECK)
+    batch_size: int = option(4, type=click.IntRange(2), group=CHECK)
+    model: str = option(TrainConfig.model, "hybrid: with the default --cut, --head-blocks, --head-filters and --se "
+                        "of `hybrid`.", type=click.Choice(MODELS), group=CHECK)
+    precision: str = option("float32", "Keras dtype policy; each has its own tolerances.",
+                            type=click.Choice(PRECISIONS), group=CHECK)
+    preprocess: str = option(TrainConfig.preprocess, type=click.Choice(PREPROCESS_MODES), group=CHECK)
+    learning_rate: float = option(0.01, "Learning rate of the one SGD step.", type=float, flag="--lr", group=CHECK)
+    seed: int = option(TrainConfig.seed, type=int, group=CHECK)
     plant: dict[str, str] = dataclasses.field(default_factory=dict)
 
 

@@ -15,6 +15,7 @@ from engine.config import HYBRID_RECIPE, TrainConfig
 from engine.options import cli_fields, command_defaults
 from engine.rundir import file_sha256
 from tests.conftest import active_backend
+from tests.test_cli import run_subprocess
 
 
 def cli_defaults(command, args: list[str] | None = None) -> dict:
@@ -100,13 +101,15 @@ def _train(*args: str):
 
 @pytest.mark.slow
 def test_config_file_of_a_run_retrains_the_same_run(demo_dir, tmp_path):
+    """Each run in its own process, as a user runs them (in one process Keras numbers its
+    layers on, so the weights file's names, not its values, would differ)."""
     first, second = tmp_path / "first", tmp_path / "second"
-    result = _train("--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-                    "--weights", "none", "--crop-scale", "0.5,1", "--rotate-degrees", "5", "--deterministic",
-                    "--keep-checkpoints", "none", "--out", str(first), "--verbose", "0")
-    assert result.exit_code == 0, result.output
-    result = _train("--config", str(first / "config.json"), "--out", str(second))
-    assert result.exit_code == 0, result.output
+    result = run_subprocess("train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8",
+                            "--epochs", "1", "--weights", "none", "--crop-scale", "0.5,1", "--rotate-degrees", "5",
+                            "--deterministic", "--keep-checkpoints", "none", "--out", str(first), "--verbose", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_subprocess("train", "--config", str(first / "config.json"), "--out", str(second))
+    assert result.returncode == 0, result.stderr[-3000:]
     configs = [json.loads((d / "config.json").read_text()) for d in (first, second)]
     assert {k: v for k, v in configs[0]["options"].items() if k != "out"} == \
            {k: v for k, v in configs[1]["options"].items() if k != "out"}
