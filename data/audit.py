@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.decode import DecodeError, read_image
-from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
+from data.layout import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
 
 # Chosen from measurements on the real images (see the README, "Auditing a dataset").
 DEFAULT_MAX_DISTANCE = 10

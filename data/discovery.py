@@ -1,33 +1,46 @@
 """Dataset discovery and seeded, stratified splits for the Kaggle folder layout.
 
 The layout is `<data_dir>/Training/<class>/*` and, optionally,
-`<data_dir>/Testing/<class>/*`. Classes are the sorted class-folder names and
-must be the same in both splits. Files are listed recursively, in sorted order
-of their relative path, so the example list is the same on every machine.
+`<data_dir>/Testing/<class>/*` (listed by `data.layout`). Classes are the sorted
+class-folder names and must be the same in both splits.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import numpy as np
 
-from errors import UserInputError
-
-TRAIN_DIR = "Training"
-TEST_DIR = "Testing"
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+from data.layout import (
+    IMAGE_EXTENSIONS,
+    TEST_DIR,
+    TRAIN_DIR,
+    DatasetError,
+    files_under,
+    list_split,
+    scan_split,
 )
+
+# The layout's names stay importable from here, where most callers look for them.
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TEST_DIR",
+    "TRAIN_DIR",
+    "DatasetError",
+    "Example",
+    "Splits",
+    "discover",
+    "files_under",
+    "list_split",
+    "make_splits",
+    "scan_split",
+    "stratified_split",
+]
+
 # Tags keep the split streams apart from every other seeded stream in the project.
 _VAL_TAG = 0x5641
 _TEST_TAG = 0x5445
-
-
-class DatasetError(UserInputError, ValueError):
-    """The dataset folder is missing or does not have the expected layout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,62 +70,6 @@ class Splits:
             name: np.bincount([e.label for e in examples], minlength=len(self.classes)).tolist()
             for name, examples in (("train", self.train), ("val", self.val), ("test", self.test))
         }
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    parts = path.relative_to(root).parts
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def _class_dirs(split_dir: Path) -> list[Path]:
-    return sorted(
-        p for p in split_dir.iterdir() if p.is_dir() and not _is_hidden(p, split_dir)
-    )
-
-
-def _walk_files(folder: Path) -> list[Path]:
-    # followlinks=False: a symlinked folder (or a symlink loop) is not descended into.
-    return sorted(
-        Path(dirpath, name)
-        for dirpath, _, names in os.walk(folder, followlinks=False)
-        for name in names
-        if Path(dirpath, name).is_file()
-    )
-
-
-def files_under(path: str | Path) -> list[Path]:
-    """The files a user means by `path`: the file itself, or every file below a folder
-    (sorted; hidden files, `__MACOSX` and symlinked folders left out)."""
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    return [p for p in _walk_files(path) if not _is_hidden(p, path)]
-
-
-def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """The image files of every class folder of one split, empty folders included.
-
-    Returns `({class_name: [file, ...]}, ignored_files)`; files are sorted and
-    hidden files, `__MACOSX` folders and non-image extensions are ignored.
-    """
-    files: dict[str, list[str]] = {}
-    ignored: list[str] = []
-    for class_dir in _class_dirs(split_dir):
-        found = files.setdefault(class_dir.name, [])
-        for path in files_under(class_dir):
-            (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(str(path))
-    return files, ignored
-
-
-def list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """`scan_split`, refusing a split without class folders or with an empty one."""
-    files, ignored = scan_split(split_dir)
-    if not files:
-        raise DatasetError(f"{split_dir} has no class folders (expected {split_dir}/<class>/*.jpg)")
-    for name, found in files.items():
-        if not found:
-            raise DatasetError(f"class folder {split_dir / name} holds no image files")
-    return files, ignored
 
 
 def discover(data_dir: str | Path) -> tuple[list[str], list[Example], list[Example] | None, list[str]]:
