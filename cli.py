@@ -229,7 +229,7 @@ def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None,
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers: int) -> None:
     """Measure input-pipeline throughput against a tf.data baseline, side by side."""
-    from data.benchmark import format_report, measure, warm_file_cache
+    from engine.pipeline_bench import format_report, measure, warm_file_cache
 
     warm_file_cache(data_dir)
     results = {}

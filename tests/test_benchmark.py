@@ -1,6 +1,6 @@
 import pytest
 
-from data.benchmark import format_report, measure
+from engine.pipeline_bench import format_report, measure
 from tests.conftest import active_backend
 
 

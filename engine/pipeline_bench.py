@@ -8,12 +8,12 @@ read once beforehand, so both sides start with the OS file cache warm; epoch 1
 is then "cold" for our decoded-image cache (every JPEG decoded), epoch 2 warm.
 The baseline has no decoded cache: every epoch decodes.
 
-    python -m data.benchmark ours|tfdata --data-dir DIR [...]   # one side, prints JSON
+The entry point is `python cli.py bench-pipeline`; it lives in `engine/`, not in the
+framework-neutral `data/`, because its baseline imports tensorflow.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -78,15 +78,25 @@ def measure(side: str, data_dir: str, image_size: int, batch_size: int, epochs: 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     if side == "tfdata":
         env["KERAS_BACKEND"] = "tensorflow"  # The baseline is the tf.data path.
-    args = [
-        sys.executable, "-m", "data.benchmark", side, "--data-dir", data_dir, "--image-size", str(image_size),
-        "--batch-size", str(batch_size), "--epochs", str(epochs), "--workers", str(workers),
-    ]
+    request = json.dumps({"side": side, "data_dir": data_dir, "image_size": image_size,
+                          "batch_size": batch_size, "epochs": epochs, "workers": workers})
+    # The child gets its arguments as one JSON string: no second command line to keep in step.
+    code = "import sys; from engine.pipeline_bench import run_side; run_side(sys.argv[1])"
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, check=False)
+    result = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True, env=env,
+                            cwd=root, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark side {side!r} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_side(request: str) -> None:
+    """In the child process: runs the side `request` (JSON, from `measure`) names and prints
+    its result as one JSON line."""
+    args = json.loads(request)
+    run = run_ours if args["side"] == "ours" else run_tfdata
+    epochs = run(args["data_dir"], args["image_size"], args["batch_size"], args["epochs"], args["workers"])
+    print(json.dumps({"side": args["side"], "epochs": epochs, "peak_memory_mb": _peak_memory_mb()}))
 
 
 def warm_file_cache(data_dir: str) -> int:
@@ -111,21 +121,3 @@ def format_report(ours: dict, baseline: dict) -> str:
     lines.append("")
     lines.append(f"speed-up over the baseline: cold {cold:.2f}x (goal >= 1x), warm {warm:.2f}x (goal >= 2x)")
     return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("side", choices=["ours", "tfdata"])
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
-    a = parser.parse_args()
-    run = run_ours if a.side == "ours" else run_tfdata
-    epochs = run(a.data_dir, a.image_size, a.batch_size, a.epochs, a.workers)
-    print(json.dumps({"side": a.side, "epochs": epochs, "peak_memory_mb": _peak_memory_mb()}))
-
-
-if __name__ == "__main__":
-    main()
