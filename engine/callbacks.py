@@ -64,7 +64,9 @@ def _finite(value) -> bool:
 
 
 class NonFiniteGuard(keras.callbacks.Callback):
-    """Stops training at the first batch whose loss is NaN or infinite and records where."""
+    """Stops training at the first batch whose loss is NaN or infinite, or at the end of an
+    epoch whose validation loss or metrics are (the training loss can stay finite while the
+    moving BatchNorm statistics or the weights have already broken), and records where."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,13 +79,33 @@ class NonFiniteGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if self.event is None and loss is not None and not _finite(loss):
-            self.event = {"epoch": self._epoch + 1, "batch": batch + 1, "loss": float(loss)}
+            self.event = {"epoch": self._epoch + 1, "batch": batch + 1, "loss": float(loss), "where": "training"}
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.event is not None:
+            return
+        broken = {k: v for k, v in (logs or {}).items() if k.startswith("val_") and not _finite(v)}
+        if broken:
+            name, value = next(iter(broken.items()))
+            self.event = {"epoch": epoch + 1, "batch": None, "loss": float(value), "where": f"validation {name}"}
+        elif bad := nonfinite_variables(self.model):
+            self.event = {"epoch": epoch + 1, "batch": None, "loss": None,
+                          "where": f"weights ({len(bad)} tensors, e.g. {bad[0]})"}
+        if self.event is not None:
             self.model.stop_training = True
 
 
+def nonfinite_variables(model: keras.Model) -> list[str]:
+    """The paths of the model's variables that hold NaN or infinity (none: [])."""
+    return [v.path for v in model.variables
+            if not np.isfinite(np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float64)).all()]
+
+
 class Checkpoints(keras.callbacks.Callback):
-    """After each epoch whose loss is finite: `last.weights.h5`, and `best.weights.h5` when
-    `monitor` improved. An epoch with a non-finite loss overwrites neither.
+    """After each epoch whose losses and weights are all finite: `last.weights.h5`, and
+    `best.weights.h5` when `monitor` improved. Any other epoch overwrites neither, so both
+    files only ever hold finite tensors.
 
     `last.weights.h5` is what `--resume` continues from: the weights, the optimizer's
     state and, in the file's attributes (see `checkpoint_state`), the epoch count, the best
@@ -103,7 +125,10 @@ class Checkpoints(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if not _finite(logs.get("loss")):
+        # A checkpoint is only ever finite: its losses and every tensor it would hold.
+        if not all(_finite(v) for k, v in logs.items() if k == "loss" or k.startswith("val_")):
+            return
+        if nonfinite_variables(self.model):
             return
         value = logs.get(self.monitor)
         improved = _finite(value) and float(value) > self.best_value

@@ -11,7 +11,7 @@ from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
-from engine.options import FloatPair, option
+from engine.options import FloatPair, PositiveFloat, option
 from engine.rundir import prepare_run_dir
 from errors import UserInputError
 from model.spec import CUTS, MODELS, ModelSpec
@@ -80,10 +80,10 @@ class TrainConfig:
     epochs: int = option(10, "Epochs of the main phase (after any --head-epochs).", type=click.IntRange(1),
                          group=OPTIMIZATION)
     learning_rate: float = option(1e-4, "Adam learning rate of the main phase (its peak with warmup or cosine).",
-                                  type=float, flag="--lr", group=OPTIMIZATION)
+                                  type=PositiveFloat(), flag="--lr", group=OPTIMIZATION)
     head_epochs: int = option(0, "First phase: epochs with the backbone frozen (0: no such phase).",
                               type=click.IntRange(0), group=OPTIMIZATION)
-    head_lr: float = option(1e-3, "Adam learning rate of the --head-epochs phase.", type=float, group=OPTIMIZATION)
+    head_lr: float = option(1e-3, "Adam learning rate of the --head-epochs phase.", type=PositiveFloat(), group=OPTIMIZATION)
     unfreeze_blocks: int | None = option(None, "Main phase: only the top K residual blocks of the backbone train "
                                          "(default: all of it).", type=click.IntRange(0), group=OPTIMIZATION)
     lr_schedule: str = option("constant", "Main phase learning rate after warmup: constant, or cosine decay to 0.",

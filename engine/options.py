@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,22 @@ class FloatPair(click.ParamType):
         if low > high:
             self.fail(f"{value!r}: the first number must not exceed the second", param, ctx)
         return (low, high)
+
+
+class PositiveFloat(click.ParamType):
+    """A finite number above zero (a learning rate: nan, inf, 0 and negatives are refused here,
+    not found out as a diverged run)."""
+
+    name = "FLOAT>0"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number <= 0:
+            self.fail(f"{value!r} must be a finite number above 0", param, ctx)
+        return number
 
 
 class LevelList(click.ParamType):

@@ -21,7 +21,7 @@ import numpy as np
 
 from data.augment import PREPROCESS_MODES
 from engine.config import TrainConfig
-from engine.options import option
+from engine.options import PositiveFloat, option
 from engine.rundir import write_json
 from model.spec import MODELS
 
@@ -88,7 +88,7 @@ class ParityConfig:
     precision: str = option("float32", "Keras dtype policy; each has its own tolerances.",
                             type=click.Choice(PRECISIONS), group=CHECK)
     preprocess: str = option(TrainConfig.preprocess, type=click.Choice(PREPROCESS_MODES), group=CHECK)
-    learning_rate: float = option(0.01, "Learning rate of the one SGD step.", type=float, flag="--lr", group=CHECK)
+    learning_rate: float = option(0.01, "Learning rate of the one SGD step.", type=PositiveFloat(), flag="--lr", group=CHECK)
     seed: int = option(TrainConfig.seed, type=int, group=CHECK)
     plant: dict[str, str] = dataclasses.field(default_factory=dict)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -314,6 +315,11 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
     with _os_errors_stop_the_run(checkpoints, run_dir):
         write_json(run_dir / "metrics.json", metrics)
+    broken = [f"{split} loss {report['loss']}" for split, report in final.items()
+              if report is not None and not math.isfinite(report["loss"])]
+    if broken:  # written for inspection, but not a result: the command fails
+        raise DivergedError(f"the final evaluation is non-finite ({', '.join(broken)}); metrics.json in {run_dir} "
+                            f"shows it; the weights in {run_dir / MODEL_FILE} are finite, the inputs may not be")
     backend = metrics["backend"]
     log("\n" + results_table({
         f"{backend} (final)": metrics,
@@ -431,11 +437,13 @@ def _record_leakage(run_dir: Path, cfg: TrainConfig, splits, test_count: int, lo
 
 def _diverged_message(event: dict, checkpoints: Checkpoints, run_dir: Path, cfg: TrainConfig) -> str:
     start = cfg.init_weights or run_dir / INITIAL
-    kept = (f"the last good weights (epoch {checkpoints.last_epoch}) are in {checkpoints.last}"
-            if checkpoints.last_epoch else f"no epoch finished; the starting weights are in {start}")
-    return (f"non-finite loss ({event['loss']}) in epoch {event['epoch']}, batch {event['batch']}: training stopped; "
-            f"{kept}; {run_dir / 'stability.csv'} shows the gradient norms and activations that led there "
-            f"(try a lower learning rate)")
+    kept = (f"the last finite weights (epoch {checkpoints.last_epoch}) are in {checkpoints.last}"
+            if checkpoints.last_epoch else f"no epoch was checkpointed; the starting weights are in {start}")
+    where = (f"non-finite {event['where']} loss ({event['loss']}) in epoch {event['epoch']}, batch {event['batch']}"
+             if event["batch"] else f"non-finite {event['where']} after epoch {event['epoch']}"
+             + (f" ({event['loss']})" if event["loss"] is not None else ""))
+    return (f"{where}: training stopped; {kept}; {run_dir / 'stability.csv'} shows the gradient norms and "
+            f"activations that led there (try a lower learning rate)")
 
 
 def save_model_file(model: keras.Model, path: Path) -> None:

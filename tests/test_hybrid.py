@@ -319,8 +319,8 @@ def test_hybrid_run_that_diverges_exits_1_and_keeps_the_phase_1_weights(demo_dir
                  "--weights", "none", "--out", str(run_dir), "--verbose", "0")
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
-    assert "non-finite loss" in message and "in epoch 2" in message
-    assert f"the last good weights (epoch 1) are in {run_dir / 'last.weights.h5'}" in message
+    assert "non-finite training loss" in message and "in epoch 2" in message
+    assert f"the last finite weights (epoch 1) are in {run_dir / 'last.weights.h5'}" in message
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "model.keras").exists()
     with open(run_dir / "stability.csv") as f:
         rows = list(csv.DictReader(f))
