@@ -1,7 +1,8 @@
 """Decoding any image Pillow can read into RGB uint8 at a fixed square size.
 
-Pillow only (no backend ops), so the bytes are the same whichever Keras
-backend is active.
+Pillow and NumPy only (no backend ops), so the bytes are the same whichever
+Keras backend is active. Float images are scaled from their actual range and
+16-bit ones by their real bit depth; such a rescaling is reported in `notes`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from PIL import Image
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+# Bit depths a 16-bit container is read as: the smallest whose range holds the image's maximum.
+_BIT_DEPTHS = (8, 10, 12, 14, 16)
 # `read_image` refuses such images itself; Pillow's warning about them would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Smaller images hold no anatomy (a 1x1 "image" is a broken export): refused, not upscaled.
@@ -24,19 +27,89 @@ class DecodeError(ValueError):
     """An image file could not be read."""
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Maps 16- and 32-bit grayscale and float images to 8-bit grayscale."""
-    if img.mode in _SIXTEEN_BIT_MODES:
-        pixels = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
-    else:  # "F"
-        pixels = np.asarray(img, dtype=np.float64)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+def _fmt(value: float) -> str:
+    """A pixel value for a note or an error: short, no trailing zeros (`3.5`, `-1024`, `1e+06`)."""
+    return f"{value:.6g}"
 
 
-def _flatten(img: Image.Image) -> Image.Image:
-    """Returns an `L` or `RGB` image; transparency is composited over black."""
+def _refuse_constant(pixels: np.ndarray, kind: str) -> tuple[float, float]:
+    """Returns `(min, max)`; a constant image is refused, since a min..max map is undefined for it."""
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo == hi:
+        raise DecodeError(f"{kind} is constant (every pixel {_fmt(lo)}): no content")
+    return lo, hi
+
+
+def _min_max(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Maps lo..hi linearly onto 0..255 (float64, not yet rounded)."""
+    return (pixels - lo) * (255.0 / (hi - lo))
+
+
+def _float_to_8bit(pixels: np.ndarray) -> tuple[np.ndarray, str]:
+    """Scales a float ("F") image from its actual range: `(0..255 float64, note)`.
+
+    Float exports use 0..1 (most tools), 0..255 (8-bit data saved as float) or a
+    physical range (e.g. CT units); clipping to 0..255, as before, turned 0..1 black.
+    Only an exact fit to 0..1 or 0..255 is trusted; anything else is min..max.
+    """
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        nan = int(np.isnan(pixels).sum())
+        what = "NaN" if nan else "infinity"
+        bad = nan or int((~finite).sum())
+        raise DecodeError(f"float image holds {what} in {bad} of {pixels.size} pixels")
+    lo, hi = _refuse_constant(pixels, "float image")
+    if lo >= 0.0 and hi <= 1.0:
+        return pixels * 255.0, "float image in 0..1: scaled by 255"
+    if lo >= 0.0 and hi <= 255.0:
+        return pixels, "float image in 0..255: values kept (rounded)"
+    return _min_max(pixels, lo, hi), f"float image in {_fmt(lo)}..{_fmt(hi)}: mapped min..max to 0..255"
+
+
+def _integer_to_8bit(pixels: np.ndarray, label: str) -> tuple[np.ndarray, str | None]:
+    """Scales a 16-bit (or 32-bit "I") grayscale image by its real bit depth: `(0..255 float64, note)`.
+
+    A 16-bit container often holds fewer bits (DICOM exports: 12-bit, 0..4095);
+    dividing by 257 made those nearly black. The depth is the smallest of 8, 10,
+    12, 14, 16 bits whose range holds the maximum, and that range maps onto 0..255.
+    A full-range 16-bit image is divided by 257, as before, without a note.
+    """
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < 0 or hi >= 2**16:
+        # Signed or wider than 16 bits (e.g. CT Hounsfield units, -1024..3071, saved as a
+        # 32-bit TIFF): there is no bit depth to trust, but the values are still an image,
+        # so they are mapped min..max, like a float image, rather than refused; a constant
+        # one has no range to map and is refused.
+        lo, hi = _refuse_constant(pixels, label)
+        return _min_max(pixels, lo, hi), f"{label} in {_fmt(lo)}..{_fmt(hi)}: mapped min..max to 0..255"
+    bits = next(b for b in _BIT_DEPTHS if hi < 2**b)
+    scaled = pixels / ((2**bits - 1) / 255.0)  # 16 bits: 65535 / 255 = 257 exactly
+    if bits == 16:
+        return scaled, None
+    kept = " (values kept)" if bits == 8 else ""
+    return scaled, f"{label} with values up to {_fmt(hi)}: scaled as {bits}-bit{kept}"
+
+
+def _to_8bit(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Maps 16- and 32-bit grayscale and float images to 8-bit grayscale: `(L image, note or None)`."""
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scaled, note = _float_to_8bit(pixels)
+    else:
+        label = "32-bit integer image" if img.mode == "I" else "16-bit image"
+        scaled, note = _integer_to_8bit(pixels, label)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L"), note
+
+
+def _flatten(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Returns `(L or RGB image, note on a value rescaling or None)`; transparency is composited over black."""
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
         return _to_8bit(img)
+    return _flatten_8bit(img), None
+
+
+def _flatten_8bit(img: Image.Image) -> Image.Image:
+    """Returns an `L` or `RGB` image from any 8-bit-per-channel mode."""
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in _ALPHA_MODES:
@@ -50,9 +123,11 @@ def _flatten(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
-def read_image(path: str) -> tuple[Image.Image, str]:
+def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, str]:
     """Opens and decodes an image file at its own size: `(L or RGB image, original mode)`.
 
+    When the pixel values had to be rescaled (a float image, or a 16-bit one not using
+    its full range), one line saying what was found and done is appended to `notes`.
     Raises `DecodeError` with the reason when the file cannot be read.
     """
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -67,7 +142,7 @@ def read_image(path: str) -> tuple[Image.Image, str]:
                                   f"{pixels} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
             img.load()
             mode = img.mode
-            img = _flatten(img)
+            img, note = _flatten(img)
     except DecodeError:
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
@@ -76,17 +151,20 @@ def read_image(path: str) -> tuple[Image.Image, str]:
         raise DecodeError(f"cannot decode: {e}") from None
     if min(img.size) < MIN_SIDE:
         raise DecodeError(f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_SIDE} px on a side")
+    if note is not None and notes is not None:  # only for an image that is kept
+        notes.append(note)
     return img, mode
 
 
-def decode_and_resize(path: str, size: int) -> np.ndarray:
+def decode_and_resize(path: str, size: int, notes: list[str] | None = None) -> np.ndarray:
     """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
 
     Grayscale images are resized in one channel and repeated, which gives the
-    same bytes as resizing their RGB conversion. Raises `DecodeError` with the
+    same bytes as resizing their RGB conversion. A rescaling of pixel values is
+    reported in `notes`, as in `read_image`. Raises `DecodeError` with the
     reason when the file cannot be read.
     """
-    img, _ = read_image(path)
+    img, _ = read_image(path, notes)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)
