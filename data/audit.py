@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter
 
 from data.decode import DecodeError, read_image
 from data.layout import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
+from data.markdown import markdown_table
 
 # Chosen from measurements on the real images (see the README, "Auditing a dataset").
 DEFAULT_MAX_DISTANCE = 10
@@ -272,22 +273,19 @@ def audit_dataset(data_dir: str | Path, max_distance: int = DEFAULT_MAX_DISTANCE
 def format_audit(report: dict) -> str:
     """The audit's summary as Markdown tables."""
     classes = sorted({c for per_class in report["counts"].values() for c in per_class})
-    lines = ["| Split | " + " | ".join(classes) + " | total |", "|---" * (len(classes) + 2) + "|"]
-    for split, per_class in report["counts"].items():
-        lines.append(f"| {split} | " + " | ".join(str(per_class.get(c, 0)) for c in classes)
-                     + f" | {sum(per_class.values())} |")
+    counts = [[split, *(per_class.get(c, 0) for c in classes), sum(per_class.values())]
+              for split, per_class in report["counts"].items()]
+    lines = [markdown_table(["Split", *classes, "total"], counts)]
     lines += ["", f"Readable: {report['readable']} of {report['images']}; sizes: "
               + ", ".join(f"{k} ({v})" for k, v in report["sizes"].items())
               + (f" and {report['distinct_sizes'] - len(report['sizes'])} more" if report["distinct_sizes"] > len(report["sizes"]) else "")
               + "; modes: " + ", ".join(f"{k} ({v})" for k, v in report["modes"].items()), "",
               f"Duplicate groups (exact pixels, or dHash within {report['max_distance']} bits and thumbnail "
-              f"correlation >= {report['min_correlation']}):", "",
-              "| Where | Groups | Exact | Near | Images in them | Redundant copies |", "|---|---|---|---|---|---|"]
+              f"correlation >= {report['min_correlation']}):", ""]
     names = {"across_splits": "across splits", "cross_class_conflicts": "same image, different labels"}
-    for key, t in report["summary"].items():
-        if isinstance(t, dict):
-            lines.append(f"| {names.get(key, 'within ' + key)} | {t['groups']} | {t['exact']} | {t['near']} | "
-                         f"{t['images']} | {t['redundant_images']} |")
+    groups = [[names.get(key, "within " + key), *(t[k] for k in ("groups", "exact", "near", "images", "redundant_images"))]
+              for key, t in report["summary"].items() if isinstance(t, dict)]
+    lines.append(markdown_table(["Where", "Groups", "Exact", "Near", "Images in them", "Redundant copies"], groups))
     lines.append(f"\nTest images with a twin in Training: {report['summary']['test_images_with_a_training_twin']}")
     if report["unreadable"]:
         lines.append(f"Unreadable files: {len(report['unreadable'])} (listed in audit.json)")

@@ -235,22 +235,23 @@ def plot_curves(results: list[dict], path: Path) -> None:
 
 
 def _format_effects(effects: list[dict], spread: float | None, target: str) -> str:
-    lines = [f"| factor | level means of {target} | main effect (max - min) |", "|---|---|---:|"]
+    from data.markdown import markdown_table
+
+    rows = []
     for e in effects:
         means = ", ".join(f"{k}: {v:.4f}" if v is not None else f"{k}: -" for k, v in e["level_means"].items())
-        effect = f"{e['effect']:.4f}" if e["effect"] is not None else "-"
-        lines.append(f"| {e['factor']} | {means} | {effect} |")
-    lines.append(f"| seed-to-seed std (mean over cells and backends) | | "
-                 f"{spread:.4f} |" if spread is not None else "| seed-to-seed std | one seed: not measured | - |")
-    return "\n".join(lines)
+        rows.append([e["factor"], means, f"{e['effect']:.4f}" if e["effect"] is not None else "-"])
+    rows.append(["seed-to-seed std (mean over cells and backends)", "", f"{spread:.4f}"] if spread is not None
+                else ["seed-to-seed std", "one seed: not measured", "-"])
+    return markdown_table(["factor", f"level means of {target}", "main effect (max - min)"], rows, "llr")
 
 
 def _format_divergence(rows: list[dict]) -> str:
+    from data.markdown import markdown_table
+
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys)]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row[k]) if k == "epoch" else f"{row[k]:.4f}" for k in keys) + " |")
-    return "\n".join(lines)
+    cells = [[str(row[k]) if k == "epoch" else f"{row[k]:.4f}" for k in keys] for row in rows]
+    return markdown_table(keys, cells, "r" * len(keys))
 
 
 def summarise(results: list[dict], backends: tuple[str, ...], factors: dict[str, list[str]], command: str) -> tuple[str, dict]:

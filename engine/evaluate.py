@@ -11,6 +11,7 @@ import numpy as np
 
 from data.discovery import DatasetError, Example
 from data.loader import MRIBatches, scan_examples
+from data.markdown import markdown_table
 from engine.inference import TrainedRun
 from engine.metrics import classification_report, softmax
 from engine.rundir import write_json
@@ -66,15 +67,13 @@ def format_evaluation(report: dict, classes: list[str]) -> str:
     def cell(v):
         return "n/a" if v is None else f"{v:.4f}"
 
-    lines = ["| Class | Precision | Recall | F1 | ROC-AUC | Support |", "|---|---|---|---|---|---|"]
-    for name in classes:
-        c = report["per_class"][name]
-        lines.append(f"| {name} | {cell(c['precision'])} | {cell(c['recall'])} | {cell(c['f1'])} | "
-                     f"{cell(c['roc_auc'])} | {c['support']} |")
+    scores = ("precision", "recall", "f1", "roc_auc")
+    per_class = [[name, *(cell(report["per_class"][name][k]) for k in scores), report["per_class"][name]["support"]]
+                 for name in classes]
+    lines = [markdown_table(["Class", "Precision", "Recall", "F1", "ROC-AUC", "Support"], per_class)]
     lines.append(f"\nAccuracy {report['accuracy']:.4f}, loss {report['loss']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
                  f"macro ROC-AUC {cell(report['macro_roc_auc'])} on {report['count']} images")
+    matrix = [[name, *row] for name, row in zip(classes, report["confusion_matrix"], strict=True)]
     lines += ["", "Confusion matrix (rows: true class, columns: predicted)", "",
-              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-              for name, row in zip(classes, report["confusion_matrix"], strict=True)]
+              markdown_table(["", *classes], matrix)]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import numpy as np
 from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
+from data.markdown import markdown_table
 from engine.metrics import softmax
 from engine.rundir import RunError
 
@@ -188,15 +189,12 @@ def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = 0
 
 def format_predictions(rows: list[Prediction], classes: list[str]) -> str:
     """A Markdown table: file, predicted class, each class' probability, the low-confidence flag."""
-    lines = ["| File | Predicted | " + " | ".join(classes) + " | Low confidence |",
-             "|---" * (len(classes) + 3) + "|"]
-    for r in rows:
+    def cells(r: Prediction) -> list[str]:
         if r.error:
-            lines.append(f"| {r.path} | unreadable | " + " | ".join("" for _ in classes) + " | |")
-        else:
-            probs = " | ".join(f"{p:.4f}" for p in r.probabilities)
-            lines.append(f"| {r.path} | {r.predicted} | {probs} | {'yes' if r.low_confidence else ''} |")
-    return "\n".join(lines)
+            return [r.path, "unreadable", *("" for _ in classes), ""]
+        return [r.path, r.predicted, *(f"{p:.4f}" for p in r.probabilities), "yes" if r.low_confidence else ""]
+
+    return markdown_table(["File", "Predicted", *classes, "Low confidence"], [cells(r) for r in rows])
 
 
 def write_predictions_csv(rows: list[Prediction], classes: list[str], path: str | Path) -> None:

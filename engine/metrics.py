@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from data.markdown import markdown_table
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)
@@ -79,15 +81,11 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, classes: list[
 
 def format_table(columns: dict[str, dict[str, float | None]], rows: list[str]) -> str:
     """A Markdown table: one row per metric name, one column per run."""
-    header = "| Metric | " + " | ".join(columns) + " |"
-    lines = [header, "|---" * (len(columns) + 1) + "|"]
-    for row in rows:
-        cells = []
-        for values in columns.values():
-            v = values.get(row)
-            cells.append("n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return markdown_table(["Metric", *columns],
+                          [[row, *(cell(values.get(row)) for values in columns.values())] for row in rows])
 
 
 RESULT_ROWS = ["Train Loss", "Train Accuracy", "Val Accuracy", "Test Loss", "Test Accuracy", "Test macro-F1"]

@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from data.augment import PREPROCESS_MODES
+from data.markdown import markdown_table
 from engine.config import TrainConfig
 from engine.options import PositiveFloat, option
 from engine.rundir import write_json
@@ -261,18 +262,15 @@ def _verdict(passed: bool | None) -> str:
 
 def format_parity_table(report: dict) -> str:
     """The parity report as a Markdown table (quantity x backend pair)."""
-    lines = [
-        "| quantity | backends | max abs diff | max rel diff | 1-ulp noise floor | tolerance | worst tensor | result |",
-        "|---|---|---:|---:|---:|---:|---|---|",
-    ]
-    for pair, rows in report["pairs"].items():
-        for row in rows:
-            fmt = lambda v: "" if v is None else f"{v:.2e}"  # noqa: E731
-            lines.append(
-                f"| {row['quantity']} | {pair} | {fmt(row['max_abs'])} | {fmt(row['max_rel'])} | {fmt(row['noise_floor'])} | "
-                f"{fmt(row['tolerance'])} | {row['worst'] or ''} | {_verdict(row['passed'])} |"
-            )
-    return "\n".join(lines)
+    def fmt(v: float | None) -> str:
+        return "" if v is None else f"{v:.2e}"
+
+    header = ["quantity", "backends", "max abs diff", "max rel diff", "1-ulp noise floor", "tolerance",
+              "worst tensor", "result"]
+    rows = [[row["quantity"], pair, *(fmt(row[k]) for k in ("max_abs", "max_rel", "noise_floor", "tolerance")),
+             row["worst"] or "", _verdict(row["passed"])]
+            for pair, pair_rows in report["pairs"].items() for row in pair_rows]
+    return markdown_table(header, rows, "llrrrrll")
 
 
 def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:

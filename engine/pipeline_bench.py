@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from data.markdown import markdown_table
+
 
 def _timed_epochs(iterate_epoch, epochs: int) -> list[dict]:
     results = []
@@ -109,13 +111,10 @@ def warm_file_cache(data_dir: str) -> int:
 
 
 def format_report(ours: dict, baseline: dict) -> str:
-    lines = [
-        "| pipeline | epoch 1 (cold) img/s | epoch 2 (warm) img/s | peak memory MiB |",
-        "|---|---|---|---|",
-    ]
-    for name, r in (("ours (PyDataset, NumPy/Pillow)", ours), ("tf.data + keras layers", baseline)):
-        e = r["epochs"]
-        lines.append(f"| {name} | {e[0]['images_per_second']:.0f} | {e[-1]['images_per_second']:.0f} | {r['peak_memory_mb']:.0f} |")
+    rows = [[name, f"{r['epochs'][0]['images_per_second']:.0f}", f"{r['epochs'][-1]['images_per_second']:.0f}",
+             f"{r['peak_memory_mb']:.0f}"]
+            for name, r in (("ours (PyDataset, NumPy/Pillow)", ours), ("tf.data + keras layers", baseline))]
+    lines = [markdown_table(["pipeline", "epoch 1 (cold) img/s", "epoch 2 (warm) img/s", "peak memory MiB"], rows)]
     cold = ours["epochs"][0]["images_per_second"] / baseline["epochs"][0]["images_per_second"]
     warm = ours["epochs"][-1]["images_per_second"] / baseline["epochs"][-1]["images_per_second"]
     lines.append("")
