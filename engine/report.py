@@ -11,10 +11,12 @@ import html
 import io
 import json
 import re
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from markdown_it import MarkdownIt
 
 from engine.metrics import result_rows, results_row
 from engine.rundir import read_history
@@ -76,44 +78,44 @@ def image_html(array: np.ndarray, caption: str) -> str:
     return f'<figure><img src="{_png_uri(buffer.getvalue())}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>'
 
 
-def markdown_html(text: str, base_dir: Path | None = None) -> str:
-    """The Markdown this project writes (headings, pipe tables, lists, paragraphs, `code`,
-    `![caption](file.png)` images from `base_dir`, inlined)."""
-    def inline(s: str) -> str:
-        s = _esc(s)
-        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
-        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+def _markdown() -> MarkdownIt:
+    """CommonMark with GFM tables. Raw HTML is escaped, not passed through, and links keep only
+    their text, so that nothing in a Markdown file can make the page load or point elsewhere."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.add_render_rule("image", _render_image)
+    md.add_render_rule("link_open", lambda *_: "")
+    md.add_render_rule("link_close", lambda *_: "")
+    return md
 
-    out, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 2, 6)  # below the page's h1 and section h2
-            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            rows = [r for r in block[1:] if not all(set(c) <= set("-: ") for c in r)]
-            head = "".join(f"<th>{inline(c)}</th>" for c in block[0])
-            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            continue
-        elif line.startswith("- "):
-            items = []
-            while i < len(lines) and lines[i].startswith("- "):
-                items.append(f"<li>{inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif (image := re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())) and base_dir is not None:
-            path = base_dir / image.group(2)
-            out.append(image_html(_read_png(path), image.group(1)) if path.is_file() else f"<p>{inline(line)}</p>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-        i += 1
-    return "\n".join(out)
+
+def _render_image(renderer, tokens, idx, options, env) -> str:
+    """An image file beside the Markdown, inlined as a captioned figure; anything else (a URL,
+    a missing file) only as its caption, so the page stays self-contained."""
+    token = tokens[idx]
+    caption = renderer.renderInlineAsText(token.children or [], options, env)
+    base_dir = env.get("base_dir")
+    src = urllib.parse.unquote(str(token.attrGet("src") or ""))
+    if base_dir is not None and "://" not in src and (base_dir / src).is_file():
+        return image_html(_read_png(base_dir / src), caption)
+    return _esc(caption)
+
+
+_MARKDOWN = _markdown()
+
+
+def markdown_html(text: str, base_dir: Path | None = None) -> str:
+    """Markdown (CommonMark and GFM tables, rendered by markdown-it-py) as HTML for a section
+    of the page: headings move two levels down, below the page's h1 and the section's h2;
+    `![caption](file.png)` images from `base_dir` are inlined."""
+    tokens = _MARKDOWN.parse(text)
+    for i, token in enumerate(tokens):
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(int(token.tag[1:]) + 2, 6)}"
+        # A paragraph holding only an image renders as the figure alone (no <figure> inside <p>).
+        only_image = token.type == "inline" and [c.type for c in token.children or []] == ["image"]
+        if only_image and tokens[i - 1].type == "paragraph_open":
+            tokens[i - 1].hidden = tokens[i + 1].hidden = True
+    return _MARKDOWN.renderer.render(tokens, _MARKDOWN.options, {"base_dir": base_dir})
 
 
 def page(title: str, sections: list[tuple[str, str]]) -> str:

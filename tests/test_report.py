@@ -80,10 +80,22 @@ def test_markdown_tables_headings_lists_and_images(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "c.png")
     text = "# Title\n\nSome `code` here.\n\n| a | b |\n|---|---:|\n| 1 | <2> |\n\n- one\n- two\n\n![curves](c.png)\n"
     html_text = markdown_html(text, tmp_path)
-    assert "<h3>Title</h3>" in html_text and "<code>code</code>" in html_text
-    assert "<thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>&lt;2&gt;</td></tr></tbody>" in html_text
-    assert "<ul><li>one</li><li>two</li></ul>" in html_text
-    assert 'src="data:image/png;base64,' in html_text and "c.png" not in html_text.replace('alt="curves"', "")
+    flat = html_text.replace("\n", "")  # markdown-it puts block tags on lines of their own
+    assert "<h3>Title</h3>" in flat and "<code>code</code>" in flat  # below the page's h1 and section h2
+    right = ' style="text-align:right"'  # the table's `---:` column
+    assert (f"<thead><tr><th>a</th><th{right}>b</th></tr></thead>"
+            f"<tbody><tr><td>1</td><td{right}>&lt;2&gt;</td></tr></tbody>") in flat
+    assert "<ul><li>one</li><li>two</li></ul>" in flat
+    assert '<figure><img src="data:image/png;base64,' in flat and "<figcaption>curves</figcaption>" in flat
+    assert "c.png" not in flat and "<p><figure>" not in flat
+
+
+def test_markdown_cannot_make_the_page_load_or_link_anything(tmp_path):
+    text = ("<script>alert(1)</script>\n\n[site](https://example.com) <https://example.org> "
+            "![web](https://example.com/x.png) ![missing](gone.png)\n")
+    html_text = markdown_html(text, tmp_path)
+    assert not outline(html_text).external and outline(html_text).images == 0
+    assert "&lt;script&gt;" in html_text and "site" in html_text and "missing" in html_text
 
 
 def test_run_report_has_every_section_and_is_self_contained(trained_run, tmp_path):
