@@ -1,7 +1,15 @@
-"""Where the backbone's starting weights come from, with clear offline errors."""
+"""Where the backbone's starting weights come from, with clear offline errors, and whether
+a cached ImageNet file is the one Keras published.
+
+Nothing here imports Keras: options and files are checked before a backend loads.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -10,6 +18,11 @@ from errors import UserInputError
 
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _WEIGHTS_HOST = "storage.googleapis.com"
+# Where keras.applications.ResNet50 keeps the published hashes of its weight files, and where
+# in the table the notop file's is (`WEIGHTS_HASHES["resnet50"] = (top, notop)`).
+_KERAS_RESNET_SOURCE = ("src", "applications", "resnet.py")
+_HASH_TABLE, _HASH_KEY, _NOTOP = "WEIGHTS_HASHES", "resnet50", 1
+_CHUNK = 2**20  # bytes read at a time when hashing a file
 
 
 class WeightsError(UserInputError, ValueError):
@@ -32,6 +45,53 @@ def _can_reach(host: str, timeout: float = 5.0) -> bool:
     return True
 
 
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB chunks (`algorithm` as hashlib names it)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, for recording which file a run started from."""
+    return file_digest(path, "sha256")
+
+
+def published_hashes() -> dict[str, tuple[str, str]]:
+    """Keras' table of the ResNet weight files' published hashes, `{name: (top, notop)}`, as
+    `keras.applications.ResNet50` hands them to `get_file`. Read from Keras' source with `ast`,
+    not imported: importing any `keras.src` module loads a backend, and this runs before one."""
+    spec = importlib.util.find_spec("keras")  # a top-level package is found, not imported
+    source = Path(spec.submodule_search_locations[0], *_KERAS_RESNET_SOURCE) if spec else None
+    try:
+        tree = ast.parse(source.read_text())
+        return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                    and any(getattr(t, "id", None) == _HASH_TABLE for t in node.targets))
+    except (AttributeError, OSError, SyntaxError, StopIteration, ValueError) as e:
+        raise WeightsError(f"cannot read Keras' published weight hashes ({_HASH_TABLE}) from {source}: "
+                           f"{type(e).__name__} {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path, algorithm)  # size and mtime key the cache: a replaced file is hashed again
+
+
+def check_imagenet_file(path: Path) -> None:
+    """Raises `WeightsError` unless `path` has Keras' published hash of the ResNet50 notop
+    file (md5 for a 32-character hash, SHA-256 for 64, as Keras' `get_file` does)."""
+    expected = published_hashes()[_HASH_KEY][_NOTOP]
+    algorithm = "sha256" if len(expected) == 64 else "md5"
+    stat = path.stat()
+    if _digest_of(str(path), algorithm, stat.st_size, stat.st_mtime_ns) != expected:
+        raise WeightsError(
+            f"{path} does not match Keras' published hash of {IMAGENET_NOTOP_FILE} ({algorithm} {expected}): "
+            f"it is corrupt or truncated; delete it and put the real file there (Keras downloads it when online)"
+        )
+
+
 def check_weights_file(path: Path, what: str) -> None:
     """Raises `WeightsError` unless `path` is a readable HDF5 file."""
     import h5py
@@ -48,15 +108,17 @@ def check_weights_file(path: Path, what: str) -> None:
 def resolve_backbone_weights(spec: str) -> str | None:
     """Maps `--weights imagenet|none|PATH` to what `keras.applications.ResNet50` takes.
 
-    `imagenet` is the cached file when present; otherwise Keras downloads it,
-    which needs the network: offline, this raises at once with the file name,
-    the folder to put it in and the alternatives.
+    `imagenet` is the cached file when present, refused unless it has Keras' published
+    hash; otherwise Keras downloads it (and checks that hash itself), which needs the
+    network: offline, this raises at once with the file name, the folder to put it in
+    and the alternatives.
     """
     if spec == "none":
         return None
     if spec == "imagenet":
         cached = keras_models_dir() / IMAGENET_NOTOP_FILE
         if cached.is_file():
+            check_imagenet_file(cached)
             return str(cached)
         if not _can_reach(_WEIGHTS_HOST):
             raise WeightsError(
