@@ -75,13 +75,17 @@ def cli() -> None:
     """Brain-tumor MRI classification on any Keras 3 backend (set KERAS_BACKEND)."""
 
 
-RESUME = click.option("--resume", default=None, type=click.Path(file_okay=False), help="Continue the interrupted run in this directory after its last finished epoch (its config.json's options are used).")
+# --data-dir may come from --config or, with --resume, from the run itself: checked in _train.
+NOT_REQUIRED = {"data_dir": {"default": None}}
+RESUME = click.option("--resume", default=None, type=click.Path(file_okay=False), cls=GroupedOption, group="Run", help="Continue the interrupted run in this directory after its last finished epoch (its config.json's options are used; --data-dir may name the data's new place).")
+OVERWRITE = click.option("--overwrite", is_flag=True, cls=GroupedOption, group="Run", help="Replace the run in --out: its files are removed before anything new is written (without it, a non-empty --out is refused).")
 
 
 @cli.command(cls=GroupedCommand)
-@click_options(TrainConfig)
+@click_options(TrainConfig, overrides=NOT_REQUIRED)
 @config_file_option(TrainConfig)
 @RESUME
+@OVERWRITE
 @_user_errors
 def train(**options) -> None:
     """Fine-tune the ResNet50 classifier (or the hybrid) and write a run directory."""
@@ -89,9 +93,10 @@ def train(**options) -> None:
 
 
 @cli.command(cls=GroupedCommand)
-@click_options(TrainConfig, overrides=HYBRID_RECIPE)
+@click_options(TrainConfig, overrides={**HYBRID_RECIPE, **NOT_REQUIRED})
 @config_file_option(TrainConfig)
 @RESUME
+@OVERWRITE
 @_user_errors
 def hybrid(**options) -> None:
     """Train the hybrid: ResNet50 cut at --cut plus a custom CNN head, in two phases.
@@ -106,23 +111,17 @@ def hybrid(**options) -> None:
 
 def _train(options: dict) -> None:
     from engine.config import preflight
-    from engine.resume import resume_config
 
-    resume, _ = options.pop("resume"), options.pop("config_file")
-    cfg = TrainConfig(**options)
+    resume, overwrite, _ = options.pop("resume"), options.pop("overwrite"), options.pop("config_file")
     if resume:
-        given = cfg
-        cfg = resume_config(resume)
+        cfg = _resumed_config(resume, options)
         if cfg is None:
-            click.echo(f"{resume} finished already (metrics.json is there); nothing to resume")
             return
-        ctx = click.get_current_context()
-        ignored = [name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-                   and getattr(given, name) != getattr(cfg, name) and name != "out"]
-        if ignored:
-            click.echo(f"--resume: the run's own options are used; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}",
-                       err=True)
-    checked = preflight(cfg, resume=bool(resume))  # Before the backend loads: bad input fails fast.
+    elif options["data_dir"] is None:
+        raise click.UsageError("Missing option '--data-dir' (or --config FILE, or --resume RUN_DIR).")
+    else:
+        cfg = TrainConfig(**options)
+    checked = preflight(cfg, resume=bool(resume), overwrite=overwrite)  # Before the backend loads: bad input fails fast.
     if cfg.deterministic:
         from engine.backend import deterministic_environment
 
@@ -133,6 +132,24 @@ def _train(options: dict) -> None:
         run_training(cfg, checked, resume=bool(resume))
     except (DivergedError, RunStoppedError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def _resumed_config(run_dir: str, options: dict) -> TrainConfig | None:
+    """The interrupted run's own options (None when it finished), with the data's new place
+    when --data-dir is given; other options given with --resume are named as ignored."""
+    from engine.resume import resume_config
+
+    ctx = click.get_current_context()
+    given = [name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    cfg = resume_config(run_dir, options["data_dir"] if "data_dir" in given else None)
+    if cfg is None:
+        click.echo(f"{run_dir} finished already (metrics.json is there); nothing to resume")
+        return None
+    ignored = [name for name in given if name not in ("out", "data_dir") and options[name] != getattr(cfg, name)]
+    if ignored:
+        click.echo(f"--resume: the run's own options are used; ignoring {', '.join('--' + n.replace('_', '-') for n in ignored)}",
+                   err=True)
+    return cfg
 
 
 @cli.command("make-demo-data")

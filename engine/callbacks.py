@@ -114,8 +114,9 @@ class Checkpoints(keras.callbacks.Callback):
     the weights again, and nothing reads them from there).
     """
 
-    def __init__(self, run_dir: Path, monitor: str, resumed: dict | None = None) -> None:
+    def __init__(self, run_dir: Path, monitor: str, resumed: dict | None = None, run_id: str | None = None) -> None:
         super().__init__()
+        self.run_id = run_id
         self.last, self.best = run_dir / LAST, run_dir / BEST
         self.monitor = monitor
         resumed = resumed or {}
@@ -134,7 +135,7 @@ class Checkpoints(keras.callbacks.Callback):
         improved = _finite(value) and float(value) > self.best_value
         best_value, best_epoch = (float(value), epoch + 1) if improved else (self.best_value, self.best_epoch)
         state = {"epoch": epoch + 1, "best_epoch": best_epoch, "best_value": best_value,
-                 "monitor": self.monitor, "seed_states": seed_states(self.model)}
+                 "monitor": self.monitor, "seed_states": seed_states(self.model), "run_id": self.run_id}
         save_weights(self.model, self.last, state)  # the one file a resume needs, written atomically
         # Only now: if the write failed (e.g. a full disk), these still describe the files on disk.
         self.last_epoch, self.best_value, self.best_epoch = epoch + 1, best_value, best_epoch

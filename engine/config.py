@@ -12,7 +12,7 @@ from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import Splits, make_splits
 from engine.backend import selected_backend
 from engine.options import FloatPair, PositiveFloat, option
-from engine.rundir import prepare_run_dir
+from engine.rundir import claim_run_dir, prepare_run_dir
 from errors import UserInputError
 from model.spec import CUTS, MODELS, ModelSpec
 from model.weights import check_weights_file, resolve_backbone_weights
@@ -177,7 +177,7 @@ class Preflight:
     splits: Splits
 
 
-def preflight(cfg: TrainConfig, resume: bool = False) -> Preflight:
+def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Preflight:
     """Checks the options, data, weights and output folder; creates the run directory.
 
     Needs no backend, so bad input fails in about a second with one clear error. A resumed
@@ -190,7 +190,10 @@ def preflight(cfg: TrainConfig, resume: bool = False) -> Preflight:
         resolve_backbone_weights(cfg.weights)
         if cfg.init_weights:
             check_weights_file(Path(cfg.init_weights), "--init-weights file")
-    run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
+    if resume:
+        run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
+    else:  # never into another run's files: refused, or emptied first with --overwrite
+        run_dir = claim_run_dir(cfg.out, selected_backend(), cfg.runs_root, overwrite)
     if cfg.finds_twins:  # decodes every image: only once everything else is known to be fine
         splits = cfg.splits()
     return Preflight(run_dir, splits)

@@ -17,7 +17,8 @@ from data.decode import DecodeError, decode_and_resize
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from data.markdown import markdown_table
 from engine.metrics import softmax
-from engine.rundir import RunError
+from engine.resume import recorded_data_dir
+from engine.rundir import RunError, check_run_files
 
 PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
@@ -71,6 +72,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
     config_path, model_path = run_dir / "config.json", run_dir / "model.keras"
     if not config_path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.json)")
+    check_run_files(run_dir)
     if not model_path.is_file():
         kept = [p.name for p in (run_dir / "best.weights.h5", run_dir / "last.weights.h5") if p.exists()]
         raise RunError(f"{run_dir} has no model.keras: the run did not finish (interrupted or diverged)"
@@ -103,7 +105,7 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
     """The labelled images to evaluate on: one of the run's own splits (`test`, `val`,
     `train`, rebuilt with the run's split options and seed) or every image of a split
     folder of `data_dir` (e.g. `Testing`). Returns `(examples, description)`."""
-    data_dir = Path(data_dir or run.options["data_dir"])
+    data_dir = Path(data_dir or recorded_data_dir(json.loads((run.run_dir / "config.json").read_text())))
     if split in SPLITS:
         opts = run.options
         # --dedup changes what is left of the training pool, never the test split.
@@ -112,6 +114,7 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
                              dedup, opts.get("dedup_max_distance"), opts.get("dedup_min_correlation"))
         _check_classes(run, splits.classes, data_dir)
         examples = getattr(splits, split)
+        _check_counts(run, split, examples, data_dir)
         if not examples:
             raise DatasetError(f"the run's {split} split of {data_dir} is empty; name a folder instead "
                                f"(e.g. --split Testing)")
@@ -124,6 +127,20 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
     files, _ = list_split(folder)
     _check_classes(run, sorted(files), folder)
     return [Example(p, run.classes.index(c)) for c in run.classes for p in files[c]], f"{folder}/"
+
+
+def _check_counts(run: TrainedRun, split: str, examples: list[Example], where: Path) -> None:
+    """The run's own split rebuilt from `where` must hold the images per class the run recorded
+    (plus at most the files it skipped as unreadable): the same data, wherever it now is."""
+    config = json.loads((run.run_dir / "config.json").read_text())
+    recorded = (config.get("counts") or {}).get(split)
+    if recorded is None:
+        return
+    found = [sum(e.label == c for e in examples) for c in range(len(run.classes))]
+    skipped = int(config.get("skipped_files") or 0)
+    if any(not 0 <= f - r <= skipped for f, r in zip(found, recorded, strict=True)):
+        raise DatasetError(f"the {split} split of {where} holds {found} images per class, the run's held {recorded}: "
+                           f"not the data the run used (--data-dir names its place)")
 
 
 def _check_classes(run: TrainedRun, classes: list[str], where: Path) -> None:

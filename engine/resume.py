@@ -16,7 +16,15 @@ from pathlib import Path
 from data.discovery import DatasetError
 from engine.backend import environment, selected_backend
 from engine.config import ConfigError, TrainConfig
-from engine.rundir import BEST, LAST, atomic_write, checkpoint_state, truncate_csv, write_json
+from engine.rundir import (
+    BEST,
+    LAST,
+    atomic_write,
+    check_run_files,
+    checkpoint_state,
+    truncate_csv,
+    write_json,
+)
 
 # Files with a row per epoch: rows past the checkpoint are trained again.
 PER_EPOCH_FILES = ("history.csv", "stability.csv")
@@ -37,15 +45,18 @@ def _training_state(run_dir: Path) -> dict:
     return state
 
 
-def resume_config(run_dir: str | Path) -> TrainConfig | None:
+def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConfig | None:
     """The options of the interrupted run in `run_dir`, or None when it already finished.
 
+    Its data is where `data_dir` says (the data moved: `reconcile_run_dir` checks it holds the
+    same images per split and class), else where the run found it (see `recorded_data_dir`).
     Raises `ConfigError` when there is nothing to resume or it trained under another backend.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
     if (run_dir / "metrics.json").is_file():
+        check_run_files(run_dir)  # finished, or a finished run's files mixed with another's
         return None
     _training_state(run_dir)
     try:
@@ -59,12 +70,22 @@ def resume_config(run_dir: str | Path) -> TrainConfig | None:
                           f"KERAS_BACKEND={trained_under} (a run that switches backends measures neither)")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
+    values["data_dir"] = data_dir or recorded_data_dir(config)
     return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
+
+
+def recorded_data_dir(config: dict) -> str:
+    """Where a run's data is: the --data-dir it was given when that still names a folder from
+    here (it may be relative to where the run started), else the absolute path it recorded."""
+    given = config["options"]["data_dir"]
+    absolute = config.get("data_dir_absolute")
+    return given if Path(given).is_dir() or not absolute else absolute
 
 
 def reconcile_run_dir(run_dir: Path, counts: dict) -> dict:
     """Brings an interrupted run directory back to its last checkpoint; returns that
     checkpoint's training state. Raises `DatasetError` when the data changed since."""
+    check_run_files(run_dir)
     state = _training_state(run_dir)
     done = state["epoch"]
     config = json.loads((run_dir / "config.json").read_text())

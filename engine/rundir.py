@@ -7,7 +7,9 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,55 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
     except OSError as e:
         raise OutputDirError(f"output folder {path} is not writable: {e.strerror or e}") from None
     return path
+
+
+def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs",
+                  overwrite: bool = False) -> Path:
+    """The directory of a new run: created, or refused when it already holds files (a finished
+    or interrupted run would be overwritten or, worse, mixed with this one); with `overwrite`
+    its old contents are removed first, before anything new is written."""
+    path = Path(out) if out else None
+    if path is not None and path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            held = sorted(p.name for p in path.iterdir())
+            raise OutputDirError(f"{path} is not empty ({len(held)} entries, e.g. {', '.join(held[:3])}): continue "
+                                 f"that run with --resume {path}, replace it with --overwrite, or choose another --out")
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return prepare_run_dir(out, backend, runs_root)
+
+
+def new_run_id() -> str:
+    """An id for a run; every file that says which run it belongs to carries it."""
+    return uuid.uuid4().hex[:16]
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Raises `RunError` when the files of a run directory belong to different runs: the id
+    in config.json, metrics.json and the checkpoints' state, and model.keras' SHA-256 as
+    metrics.json recorded it. (Runs written before run ids existed are not checked.)"""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    except (OSError, ValueError) as e:
+        raise RunError(f"{run_dir}: config.json or metrics.json is not readable ({e})") from None
+    run_id = config.get("run_id")
+    if run_id is None:
+        return
+    owners = {"metrics.json": metrics.get("run_id")} if metrics else {}
+    for name in (LAST, BEST):
+        if (run_dir / name).is_file():
+            owners[name] = (checkpoint_state(run_dir / name) or {}).get("run_id")
+    if metrics and (run_dir / MODEL_FILE).is_file() and file_sha256(run_dir / MODEL_FILE) != metrics.get("model_sha256"):
+        owners[MODEL_FILE] = "another run (its SHA-256 is not the one metrics.json recorded)"
+    foreign = sorted(name for name, owner in owners.items() if owner != run_id)
+    if foreign:
+        raise RunError(f"{run_dir} mixes files of different runs: {', '.join(foreign)} "
+                       f"{'does' if len(foreign) == 1 else 'do'} not belong to the run of its config.json "
+                       f"(run {run_id}); start that run again with --overwrite")
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from engine.rundir import (
     atomic_write,
     checkpoint_state,
     file_sha256,
+    new_run_id,
     read_history,
     write_json,
 )
@@ -268,17 +269,20 @@ def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool) -> keras.M
 
 
 def start_run_dir(run_dir: Path, cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData,
-                  determinism: dict | None) -> None:
+                  determinism: dict | None) -> str:
     """initial.weights.h5 (a run started from an --init-weights file records that file and
-    its SHA-256 instead of copying it) and config.json."""
+    its SHA-256 instead of copying it) and config.json; returns the new run's id."""
     start = Path(cfg.init_weights) if cfg.init_weights else run_dir / INITIAL
     if not cfg.init_weights:
         save_weights(model, start)
-    _write_config(run_dir, cfg, phases, data, determinism, start)
+    run_id = new_run_id()
+    _write_config(run_dir, cfg, phases, data, determinism, start, run_id)
+    return run_id
 
 
 def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData, run_dir: Path,
-                state: dict | None, log: Callable[[str], None]) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
+                state: dict | None, run_id: str | None,
+                log: Callable[[str], None]) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
     """Fits the phases with the run's callbacks (from the checkpoint's epoch when `state` is a
     resumed run's); raises `DivergedError` when the loss became non-finite."""
     train_batches = training_batches(cfg, data.train, data.cache)
@@ -286,7 +290,8 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
         MRIBatches(data.val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=data.cache, workers=cfg.workers)
         if data.val else None
     )
-    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state)
+    guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state,
+                                                  run_id)
     stability = StabilityMonitor(*probe_batch(cfg, data.train, data.cache), run_dir,
                                  resume_epochs=state["epoch"] if state else 0)
     with _os_errors_stop_the_run(checkpoints, run_dir):
@@ -313,6 +318,8 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     best = _evaluate(model, data, cfg)
     history = read_history(run_dir)  # every epoch, also those before a resume
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
+    # Which run the files belong to: evaluate, report and --resume check them (check_run_files).
+    metrics.update(run_id=checkpoints.run_id, model_sha256=file_sha256(run_dir / MODEL_FILE))
     with _os_errors_stop_the_run(checkpoints, run_dir):
         write_json(run_dir / "metrics.json", metrics)
     broken = [f"{split} loss {report['loss']}" for split, report in final.items()
@@ -388,10 +395,12 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     determinism = enable_determinism() if cfg.deterministic else None
     model = build_run_model(cfg, len(data.splits.classes), resume)
     phases = plan_phases(cfg)
-    state = reconcile_run_dir(run_dir, data.counts) if resume else None
-    if not resume:
-        start_run_dir(run_dir, cfg, model, phases, data, determinism)
-    trained = train_model(cfg, model, phases, data, run_dir, state, log)
+    if resume:
+        state = reconcile_run_dir(run_dir, data.counts)
+        run_id = state.get("run_id")
+    else:
+        state, run_id = None, start_run_dir(run_dir, cfg, model, phases, data, determinism)
+    trained = train_model(cfg, model, phases, data, run_dir, state, run_id, log)
     metrics = score_and_write(model, cfg, data, run_dir, phases, trained, log)
     finish_run_dir(run_dir, cfg.keep_checkpoints)
     log(f"\nRun directory: {run_dir}")
@@ -399,12 +408,15 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: RunData, determinism: dict | None,
-                  start: Path) -> None:
+                  start: Path, run_id: str) -> None:
     """config.json: every option, the phases, the data, the starting weights' SHA-256 and the
     environment of the run."""
     splits = data.splits
     write_json(run_dir / "config.json", {
+        "run_id": run_id,
         "options": dataclasses.asdict(cfg),
+        # Where the data was, wherever the run is resumed or evaluated from (the option as given may be relative).
+        "data_dir_absolute": str(Path(cfg.data_dir).resolve()),
         "phases": [dataclasses.asdict(p) for p in phases],
         "classes": splits.classes,
         "test_source": splits.test_source,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.rundir import file_sha256
 from tests.test_cli import error_lines, run_cli
 
 RNG = np.random.default_rng(0)
@@ -134,6 +135,8 @@ def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path, trained_run):
     shutil.copytree(trained_run, run_dir)
     inputs = keras.Input((64, 64, 3), name="image")
     keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, 0, :])(inputs)).save(run_dir / "model.keras")
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the run's own model file, as far as it knows
+    (run_dir / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": file_sha256(run_dir / "model.keras")}))
     result = run_cli("predict", str(run_dir), str(run_dir / "stability.png"))
     assert result.exit_code == 2
     lines = error_lines(result.output)
