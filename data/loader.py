@@ -51,10 +51,10 @@ class DecodedCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._images.values())
 
-    def get(self, path: str, size: int) -> np.ndarray:
+    def get(self, path: str, size: int, notes: list[str] | None = None) -> np.ndarray:
         image = self._images.get(path)
         if image is None:
-            image = decode_and_resize(path, size)
+            image = decode_and_resize(path, size, notes)
             self._images[path] = image  # A dict store is atomic; a race decodes twice, same bytes.
         return image
 
@@ -65,29 +65,35 @@ def scan_examples(
     cache: DecodedCache | None = None,
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
+    notes: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Example], list[tuple[str, str]]]:
     """Decodes every example once, before training, and drops the unreadable ones.
 
     Returns `(readable_examples, [(path, reason), ...])`. With a cache, this is
-    also the cold pass that fills it, so no decode is wasted.
+    also the cold pass that fills it, so no decode is wasted. `notes` gets a
+    `(path, note)` for each image whose values the decoder rescaled (a float or a
+    12-bit image: see `data.decode`).
     """
-    def load(example: Example) -> str | None:
+    def load(example: Example) -> tuple[str | None, list[str]]:
+        found: list[str] = []
         try:
             if cache is not None:
-                cache.get(example.path, image_size)
+                cache.get(example.path, image_size, found)
             else:
-                decode_and_resize(example.path, image_size)
+                decode_and_resize(example.path, image_size, found)
         except DecodeError as e:
-            return str(e)
-        return None
+            return str(e), found
+        return None, found
 
     good, skipped = [], []
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, (example, error) in enumerate(zip(examples, pool.map(load, examples), strict=False)):
+        for i, (example, (error, found)) in enumerate(zip(examples, pool.map(load, examples), strict=False)):
             if error is None:
                 good.append(example)
             else:
                 skipped.append((example.path, error))
+            if notes is not None:
+                notes += [(example.path, note) for note in found]
             if progress is not None:
                 progress(i + 1)
     return good, skipped

@@ -61,12 +61,13 @@ class RunStoppedError(RuntimeError):
     """An OS error (a full disk, a lost mount) stopped the run; its last checkpoint is intact."""
 
 
-def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log) -> tuple[list[Example], list]:
+def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log,
+          notes: list[tuple[str, str]]) -> tuple[list[Example], list]:
     if not examples:
         return [], []
     bar = keras.utils.Progbar(len(examples), verbose=1 if cfg.verbose else 0, unit_name="image")
     log(f"Decoding {len(examples)} {name} images at {cfg.image_size} px")
-    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update)
+    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update, notes=notes)
     for path, reason in skipped:
         log(f"  skipped {path}: {reason}")
     return good, skipped
@@ -231,6 +232,7 @@ class RunData:
     test: list[Example]
     skipped: list[tuple[str, str]]
     cache: DecodedCache | None
+    decode_notes: list[tuple[str, str]]
 
     @property
     def counts(self) -> dict:
@@ -243,18 +245,24 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
     skipped.txt, and writes leakage.json when the run looks for twins."""
     run_dir, splits = checked.run_dir, checked.splits
     cache = DecodedCache() if cfg.cache else None
-    decoded = {name: _scan(name, examples, cfg, cache, log)
+    notes: list[tuple[str, str]] = []
+    decoded = {name: _scan(name, examples, cfg, cache, log, notes)
                for name, examples in (("training", splits.train), ("validation", splits.val), ("test", splits.test))}
     skipped = [item for _, skipped in decoded.values() for item in skipped]
     with atomic_write(run_dir / "skipped.txt") as tmp:
         tmp.write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
     if skipped:
         log(f"Skipped {len(skipped)} unreadable files (list in {run_dir / 'skipped.txt'})")
+    if notes:  # what the decoder did to images whose values are not plain 8-bit: said, not silent
+        with atomic_write(run_dir / "decode-report.txt") as tmp:
+            tmp.write_text("".join(f"{p}\t{n}\n" for p, n in notes))
+        log(f"Rescaled the values of {len(notes)} images that are not plain 8-bit (list in "
+            f"{run_dir / 'decode-report.txt'})")
     if not decoded["training"][0]:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
     if cfg.finds_twins:
         _record_leakage(run_dir, cfg, splits, len(decoded["test"][0]), log)
-    return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache)
+    return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache, notes)
 
 
 def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool) -> keras.Model:
@@ -422,6 +430,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: Ru
         "test_source": splits.test_source,
         "counts": data.counts,
         "skipped_files": len(data.skipped),
+        "rescaled_images": len(data.decode_notes),
         "leakage": {"dropped_training_images": len(splits.dropped),
                     "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.finds_twins else None,
         "ignored_files": len(splits.ignored),

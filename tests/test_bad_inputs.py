@@ -42,6 +42,9 @@ FILES = {
     "alpha.png": (lambda p: _png(p, np.dstack([np.stack([GRAY] * 3, -1), np.full((48, 48), 128, np.uint8)])), None),
     "sixteen-bit.png": (lambda p: Image.fromarray(GRAY.astype(np.uint16) * 257).save(p), None),
     "cmyk.jpg": (lambda p: p.write_bytes(_jpeg_bytes("CMYK")), None),
+    "float-0-to-1.tif": (lambda p: Image.fromarray(GRAY.astype(np.float32) / 255, "F").save(p), None),
+    "twelve-bit.png": (lambda p: Image.fromarray(GRAY.astype(np.uint16) * 16).save(p), None),
+    "float-nan.tif": (lambda p: Image.fromarray(np.full((48, 48), np.nan, np.float32), "F").save(p), "holds NaN"),
     "nested/deeper/scan.jpg": (lambda p: p.write_bytes(_jpeg_bytes()), None),
 }
 IGNORED = [".DS_Store", "__MACOSX/._scan.jpg", ".hidden.jpg", "notes.txt"]
@@ -80,6 +83,10 @@ def test_bad_files_are_skipped_and_reported_and_the_rest_train(messy_data, tmp_p
     assert config["ignored_files"] == 1  # notes.txt; hidden files and __MACOSX are not even listed
     assert f"Skipped {len(expected_skips)} unreadable files" in result.output
     assert len((run_dir / "history.csv").read_text().splitlines()) == 2  # the epoch finished
+    rescaled = dict(line.split("\t", 1) for line in (run_dir / "decode-report.txt").read_text().splitlines())
+    assert rescaled == {str(folder / "float-0-to-1.tif"): "float image in 0..1: scaled by 255",
+                        str(folder / "twelve-bit.png"): "16-bit image with values up to 4080: scaled as 12-bit"}
+    assert config["rescaled_images"] == 2
 
 
 def _weights_file(tmp_path, truncate: bool):
