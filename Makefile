@@ -1,5 +1,6 @@
-# Two entry points: `make demo` and `make test`. Both create or reuse .venv from the
-# pinned CPU lock (requirements/cpu.lock).
+# Two entry points: `make demo` and `make test`. Both create or reuse .venv from the pinned
+# locks: requirements/runtime.lock (what the CLI needs) and requirements/dev.lock (pytest, ruff).
+# Regenerate them with scripts/lock (docs/install-lock.md).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,17 +8,24 @@ BACKEND ?= torch
 BACKENDS ?= torch tensorflow jax
 DEMO_DIR ?= demo-data
 DEMO_RUN ?= runs/demo-$(BACKEND)
+LOCKS := requirements/runtime.lock requirements/dev.lock
+# torch's CPU build (the one the locks pin) comes from PyTorch's wheel index, not PyPI; without
+# it pip takes PyPI's CUDA build (works on a CPU, about 2.7 GB of wheels instead of 0.19 GB):
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Empty by default: pip uses only its configured indexes.
+TORCH_INDEX ?=
 
 .PHONY: venv demo test lint clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements/cpu.lock
+$(VENV)/.installed: $(LOCKS)
 	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 on PATH (set PYTHON=...)"; exit 2; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is older than Python 3.11"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/cpu.lock
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		-r requirements/runtime.lock -r requirements/dev.lock
 	touch $@
 
 demo: venv
