@@ -33,10 +33,11 @@ class TrainConfig:
     the defaults follow the original study. The click options of `train`, `hybrid` and
     `compare` are made from these fields (`engine.options.click_options`)."""
 
-    data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*).",
+    data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*); required unless "
+                           "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
     image_size: int = option(224, "Square input side in pixels.", type=click.IntRange(32), group=DATA)
-    batch_size: int = option(32, type=click.IntRange(1), group=DATA)
+    batch_size: int = option(32, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
                              group=DATA)
@@ -71,7 +72,7 @@ class TrainConfig:
     se: bool = option(True, "Hybrid: squeeze-and-excitation in each head block.", group=MODEL)
     freeze: str = option("none", "backbone: the main phase trains only what follows the backbone.",
                          type=click.Choice(["none", "backbone"]), group=MODEL)
-    dropout: float = option(0.2, type=click.FloatRange(0, 1, max_open=True), group=MODEL)
+    dropout: float = option(0.2, "Dropout rate before the logits layer.", type=click.FloatRange(0, 1, max_open=True), group=MODEL)
     bn_momentum: float | None = option(None, "Backbone BatchNorm moving-average momentum (default: Keras' 0.99; "
                                        "torchvision's is 0.9).", type=click.FloatRange(0, 1, max_open=True),
                                        group=MODEL)

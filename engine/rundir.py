@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from errors import UserInputError
+from model.weights import file_sha256
 
 # The files of a run directory that hold weights.
 INITIAL, LAST, BEST, MODEL_FILE = "initial.weights.h5", "last.weights.h5", "best.weights.h5", "model.keras"
@@ -149,15 +149,6 @@ def checkpoint_state(path: Path) -> dict | None:
     with h5py.File(path, "r") as f:
         text = f.attrs.get("training_state")
     return json.loads(text) if text is not None else None
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: dict) -> None:

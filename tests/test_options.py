@@ -147,3 +147,14 @@ def test_keep_checkpoints_all_keeps_what_resumes_and_no_file_repeats_the_optimiz
         assert (run_dir / name).stat().st_size / 2**20 < 1.05 * weights_mb, name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["starting_weights"]["initial"]["sha256"] == file_sha256(run_dir / "initial.weights.h5")
+
+
+def test_the_options_reference_is_generated_from_the_cli():
+    """docs/options.md is what scripts/options-doc writes from these declarations."""
+    from data.markdown import markdown_table
+    from engine.options import options_reference
+    from tests.conftest import ROOT
+
+    text = options_reference(cli, markdown_table)
+    assert (ROOT / "docs" / "options.md").read_text() == text, "run scripts/options-doc"
+    assert "## `train`" in text and "| `--keep-checkpoints` |" in text and "| `--lr` | FLOAT>0 | 0.0001 |" in text
