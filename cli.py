@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -174,13 +175,16 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
     """Find exact and near duplicate images, within and across splits, and label conflicts."""
     import time
-    from pathlib import Path
 
     from data.audit import audit_dataset, format_audit, list_dataset
     from data.discovery import DatasetError
-    from engine.rundir import write_json
+    from engine.rundir import OutputDirError, check_writable_file, write_json
 
     start = time.perf_counter()
+    try:
+        check_writable_file(out, "--out")
+    except OutputDirError as e:
+        raise UserError(str(e)) from None
     try:
         total = len(list_dataset(data_dir)[0])
     except DatasetError as e:
@@ -287,7 +291,6 @@ class BackendList(click.ParamType):
 def parity(backends, out, plant, **options) -> None:
     """Check that the backends agree: logits, loss, gradients, one SGD step. Exit 1 on FAIL."""
     import time
-    from pathlib import Path
 
     from engine.parity import PLANTS, ParityError, format_parity_table, run_parity
 
@@ -327,9 +330,10 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
         raise UserError(f"{path}: the file name must end in .weights.h5")
     import keras
 
+    from engine.backend import set_random_seed
     from model import ModelSpec, build_model
 
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     model = build_model(ModelSpec(architecture.pop("model"), **architecture), num_classes, image_size, weights)
     model.save_weights(path)
     click.echo(f"wrote {path} ({keras.backend.backend()}, {model.count_params():,} parameters)")
@@ -348,7 +352,6 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
     import time
-    from pathlib import Path
 
     from data.discovery import make_splits
     from engine.compare import CompareError, run_compare
@@ -409,7 +412,10 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
     """Predict the class of images (files or folders). Exit 1 when some could not be read."""
     from engine.inference import format_predictions, load_run, predict_files, write_predictions_csv
+    from engine.rundir import check_writable_file
 
+    if csv_path:
+        check_writable_file(csv_path, "--csv")  # before the predictions, not after them
     run = load_run(run_dir, checkpoint)
     rows = predict_files(run, list(paths), threshold, batch_size)
     if not rows:
@@ -435,7 +441,6 @@ def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshol
 @_user_errors
 def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | None, checkpoint: str) -> None:
     """Grad-CAM heatmaps on the last convolutional stage, saved as overlay PNGs."""
-    from pathlib import Path
 
     from engine.gradcam import cam_layer, explain_files
     from engine.inference import expand_paths, load_run
@@ -471,7 +476,6 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 
     Exit 2 when the active backend cannot produce the format, 1 when the export fails or disagrees.
     """
-    from pathlib import Path
 
     from engine.export import ExportError, ExportUnsupportedError, check_supported, export_run, record_path
     from engine.inference import load_run
@@ -496,7 +500,9 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | None) -> None:
     """One self-contained HTML report for a run directory or a compare directory."""
     from engine.report import build_report
+    from engine.rundir import check_writable_file
 
+    check_writable_file(out or Path(path) / "report.html", "--out")
     target = build_report(path, gradcam_samples, data_dir, out, log=click.echo)
     click.echo(f"Wrote {target}")
 
@@ -508,7 +514,6 @@ def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | Non
 def parity_worker(spec: str, weights: str, out: str) -> None:
     """Compute the parity quantities under the active backend (used by `parity`)."""
     import json
-    from pathlib import Path
 
     from engine.parity import ParityConfig, run_worker
 

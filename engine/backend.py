@@ -6,12 +6,14 @@ belongs here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from errors import UserInputError
@@ -52,7 +54,7 @@ def check_backend() -> str:
     if importlib.util.find_spec(name) is None:
         raise BackendError(
             f"KERAS_BACKEND={name} but {name} is not installed; run `make venv` "
-            f"(or pip install -r requirements/cpu.lock)"
+            f"(or pip install -r requirements/runtime.lock)"
         )
     return name
 
@@ -291,3 +293,33 @@ def enable_determinism() -> dict[str, str]:
                                "set before jax is imported")
         return {"XLA_FLAGS": flags}
     raise BackendError(f"no deterministic mode for backend {backend!r}")
+
+
+@contextlib.contextmanager
+def tensorflow_kept_out() -> Iterator[None]:
+    """Inside, Keras takes tensorflow as not installed, unless it is the backend or already
+    imported. Keras asks for it in passing (`set_random_seed` seeds it for tf.data pipelines,
+    saving a model checks for tf types) and so imports it under torch or jax: seconds of
+    start-up, its log lines in front of the project's messages and, on a GPU, device memory
+    the active framework needs. Nothing in a training run uses tensorflow under them."""
+    import keras
+    from keras.src.utils import module_utils  # the lazy `tensorflow` module Keras asks
+
+    lazy_tf = module_utils.tensorflow
+    if keras.backend.backend() == "tensorflow" or lazy_tf.module is not None:
+        yield
+        return
+    previous, lazy_tf._available = lazy_tf._available, False
+    try:
+        yield
+    finally:
+        lazy_tf._available = previous
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed` (Python, NumPy, Keras' global seed, the torch generator
+    under torch), without importing tensorflow under torch or jax."""
+    import keras
+
+    with tensorflow_kept_out():
+        keras.utils.set_random_seed(seed)

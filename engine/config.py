@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import PREPROCESS_MODES, AugmentConfig
-from data.discovery import Splits, make_splits
+from data.discovery import DatasetError, Splits, make_splits
 from engine.backend import selected_backend
 from engine.options import FloatPair, PositiveFloat, option
 from engine.rundir import claim_run_dir, prepare_run_dir
@@ -170,12 +173,51 @@ HYBRID_RECIPE: dict[str, dict] = {
     "warmup_epochs": {"default": 0.5},
 }
 
+# Fewer training images per class than this is not a class a model can learn (nor a split one can score).
+MIN_TRAIN_IMAGES_PER_CLASS = 2
+# A training split whose largest class outnumbers its smallest by more than this is reported.
+IMBALANCE_REPORTED = 10.0
+
+
+def check_splits(cfg: TrainConfig, splits: Splits) -> list[str]:
+    """Refuses data that cannot make a meaningful run, saying what was found: fewer than two
+    classes (often --data-dir one level off) or a class too small to train on. (A split cannot
+    be left without a class: `stratified_split` gives each class of two or more images at
+    least one on both sides.) Returns notes to report (class imbalance)."""
+    if len(splits.classes) < 2:
+        found = f"{len(splits.classes)} class folder{'s' if len(splits.classes) != 1 else ''} " \
+                f"({', '.join(splits.classes)}) under {Path(cfg.data_dir) / 'Training'}"
+        raise DatasetError(f"{found}: a classifier needs at least 2; is --data-dir one level too high "
+                           f"(the class folders inside a folder of their own)?")
+    counts = splits.counts()
+    small = [c for c, n in zip(splits.classes, counts["train"], strict=True) if n < MIN_TRAIN_IMAGES_PER_CLASS]
+    if small:
+        raise DatasetError(f"class {', '.join(small)} has fewer than {MIN_TRAIN_IMAGES_PER_CLASS} training images "
+                           f"(per class: {dict(zip(splits.classes, counts['train'], strict=True))})")
+    ratio = max(counts["train"]) / min(counts["train"])
+    return [f"class imbalance: the largest training class has {ratio:.1f}x the images of the smallest "
+            f"({dict(zip(splits.classes, counts['train'], strict=True))})"] if ratio > IMBALANCE_REPORTED else []
+
+
 @dataclasses.dataclass
 class Preflight:
-    """What the checks found: the run directory (created) and the splits."""
+    """What the checks found: the run directory (created), the splits, and notes to report."""
 
     run_dir: Path
     splits: Splits
+    notes: list[str] = dataclasses.field(default_factory=list)
+    created: bool = False  # the run directory did not exist before this run
+
+    @contextlib.contextmanager
+    def undone_on_input_errors(self) -> Iterator[None]:
+        """A new run that stops on bad input before its first epoch leaves nothing behind: the
+        files it wrote go, and the directory too if it made it (one line, no stray folder)."""
+        try:
+            yield
+        except UserInputError:
+            if self.created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
 
 def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Preflight:
@@ -187,14 +229,19 @@ def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -
     cfg.augment_config()
     cfg.check_schedule()
     splits = cfg.splits(twins=False)  # the layout, in a second
+    notes = check_splits(cfg, splits)
     if not resume:
         resolve_backbone_weights(cfg.weights)
         if cfg.init_weights:
             check_weights_file(Path(cfg.init_weights), "--init-weights file")
+    created = not resume and not (cfg.out and Path(cfg.out).exists())
     if resume:
         run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
     else:  # never into another run's files: refused, or emptied first with --overwrite
         run_dir = claim_run_dir(cfg.out, selected_backend(), cfg.runs_root, overwrite)
+    checked = Preflight(run_dir, splits, notes, created)
     if cfg.finds_twins:  # decodes every image: only once everything else is known to be fine
-        splits = cfg.splits()
-    return Preflight(run_dir, splits)
+        with checked.undone_on_input_errors():
+            checked.splits = cfg.splits()
+            check_splits(cfg, checked.splits)
+    return checked

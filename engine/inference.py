@@ -72,7 +72,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
     config_path, model_path = run_dir / "config.json", run_dir / "model.keras"
     if not config_path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.json)")
-    check_run_files(run_dir)
     if not model_path.is_file():
         kept = [p.name for p in (run_dir / "best.weights.h5", run_dir / "last.weights.h5") if p.exists()]
         raise RunError(f"{run_dir} has no model.keras: the run did not finish (interrupted or diverged)"
@@ -83,6 +82,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
         image_size, preprocess = int(options["image_size"]), options["preprocess"]
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{config_path} is not a readable run config ({type(e).__name__}: {e})") from None
+    check_run_files(run_dir)
     model = load_model_file(model_path)
     if checkpoint != "final":
         weights = run_dir / f"{checkpoint}.weights.h5"

@@ -163,7 +163,9 @@ def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
     plant = cfg.plant.get(backend)
     images, labels, digest = parity_batch(cfg, _other(cfg.preprocess) if plant == "preprocess" else cfg.preprocess)
 
-    keras.utils.set_random_seed(cfg.seed)
+    from engine.backend import set_random_seed
+
+    set_random_seed(cfg.seed)
     keras.mixed_precision.set_dtype_policy(cfg.precision)
     model = build_parity_model(cfg, num_classes=4)
     if not weights_path.exists():  # The first backend builds the one weights file.

@@ -43,6 +43,21 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
     return path
 
 
+def check_writable_file(path: str | Path, option: str) -> None:
+    """Raises `OutputDirError` unless `path` can be written (its folder exists, or can be made,
+    and takes a file there), so an output option fails before the work, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputDirError(f"{option} {path} is a folder; name a file")
+    probe = path.with_name(f".write-test-{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"{option} {path} cannot be written: {e.strerror or e}") from None
+
+
 def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs",
                   overwrite: bool = False) -> Path:
     """The directory of a new run: created, or refused when it already holds files (a finished
@@ -81,8 +96,10 @@ def check_run_files(run_dir: Path) -> None:
         return
     owners = {"metrics.json": metrics.get("run_id")} if metrics else {}
     for name in (LAST, BEST):
-        if (run_dir / name).is_file():
+        try:
             owners[name] = (checkpoint_state(run_dir / name) or {}).get("run_id")
+        except OSError:  # absent, or cut short by a crash: it claims no run (a resume repairs it)
+            continue
     if metrics and (run_dir / MODEL_FILE).is_file() and file_sha256(run_dir / MODEL_FILE) != metrics.get("model_sha256"):
         owners[MODEL_FILE] = "another run (its SHA-256 is not the one metrics.json recorded)"
     foreign = sorted(name for name, owner in owners.items() if owner != run_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 
 from data.discovery import DatasetError, Example, Splits
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
-from engine.backend import enable_determinism, environment, peak_memory_mb
+from engine.backend import (
+    enable_determinism,
+    environment,
+    peak_memory_mb,
+    set_random_seed,
+    tensorflow_kept_out,
+)
 from engine.callbacks import (
     Checkpoints,
     EpochTimer,
@@ -265,14 +272,22 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
     return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache, notes)
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool) -> keras.Model:
+def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: Path) -> keras.Model:
     """The model at its starting point: the backbone's weights (or the whole --init-weights
     file) loaded, the other layers initialised from --seed. Resuming, every variable comes
-    from the checkpoint, so the backbone's start does not matter and nothing is loaded."""
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.model_spec(), num_classes, cfg.image_size, "none" if resume else cfg.weights)
-    if cfg.init_weights and not resume:
-        load_initial_weights(model, cfg.init_weights)
+    from the checkpoint, so the backbone's start does not matter and nothing is loaded.
+
+    What Keras warns while building and loading (a file that does not fit lists hundreds of
+    layers) goes to warnings.log in the run directory, not in front of the one-line error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_random_seed(cfg.seed)
+        model = build_model(cfg.model_spec(), num_classes, cfg.image_size, "none" if resume else cfg.weights)
+        if cfg.init_weights and not resume:
+            load_initial_weights(model, cfg.init_weights)
+    if caught:
+        with open(run_dir / "warnings.log", "a") as f:
+            f.writelines(f"{w.category.__name__}: {w.message}\n" for w in caught)
     return model
 
 
@@ -394,14 +409,21 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     good epoch) and `RunStoppedError` when an OS error (e.g. a full disk) stops it (the last
     checkpoint stays whole).
     """
-    checked = checked or preflight(cfg, resume=resume)
+    with tensorflow_kept_out():
+        return _run(cfg, checked or preflight(cfg, resume=resume), log, resume)
+
+
+def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resume: bool) -> dict:
     run_dir = checked.run_dir
-    log(f"Run directory: {run_dir}")
-    log(f"Backend: {keras.backend.backend()}; classes: {', '.join(checked.splits.classes)}; "
-        f"test set: {checked.splits.test_source}")
-    data = load_data(cfg, checked, log)
     determinism = enable_determinism() if cfg.deterministic else None
-    model = build_run_model(cfg, len(data.splits.classes), resume)
+    with checked.undone_on_input_errors():  # bad weights or no readable image: no run folder left
+        model = build_run_model(cfg, len(checked.splits.classes), resume, checked.run_dir)
+        log(f"Run directory: {run_dir}")
+        log(f"Backend: {keras.backend.backend()}; classes: {', '.join(checked.splits.classes)}; "
+            f"test set: {checked.splits.test_source}")
+        for note in checked.notes:
+            log(f"note: {note}")
+        data = load_data(cfg, checked, log)
     phases = plan_phases(cfg)
     if resume:
         state = reconcile_run_dir(run_dir, data.counts)

@@ -9,7 +9,7 @@ import keras
 
 from model.spec import BACKBONE_NAME, CUT_LAYERS
 from model.structure import set_backbone_trainable
-from model.weights import WeightsError, resolve_backbone_weights
+from model.weights import WeightsError, first_line, resolve_backbone_weights
 
 FREEZE_MODES = ("none", "backbone")
 
@@ -26,7 +26,7 @@ def build_backbone(
             include_top=False, weights=resolved, input_shape=(image_size, image_size, 3)
         )
     except (ValueError, OSError) as e:
-        raise WeightsError(f"cannot load backbone weights {weights!r}: {e}") from None
+        raise WeightsError(f"cannot load backbone weights {weights!r}: {first_line(e)}") from None
     if bn_momentum is not None:
         for layer in resnet.layers:
             if isinstance(layer, keras.layers.BatchNormalization):

@@ -129,7 +129,27 @@ def resolve_backbone_weights(spec: str) -> str | None:
         return "imagenet"
     path = Path(spec)
     check_weights_file(path, "--weights file")
+    if is_whole_model_file(path):
+        raise WeightsError(f"--weights file {path} holds a whole model's weights (saved by save_weights, e.g. a "
+                           f"run's initial.weights.h5), not a ResNet50 backbone's: give it as --init-weights")
     return str(path)
+
+
+def is_whole_model_file(path: Path) -> bool:
+    """Whether an HDF5 file holds a whole model's weights as Keras 3's `save_weights` writes
+    them: the backbone nested as a model of its own (`functional`) beside the head's layers.
+    A backbone's own file (ImageNet's, or a backbone saved alone) has its layers at the top."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        layers = f.get("layers")
+        return layers is not None and any(name.startswith("functional") for name in layers)
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first line: Keras' loading errors go on to list every layer."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_initial_weights(model, path: str | os.PathLike) -> None:
@@ -140,5 +160,6 @@ def load_initial_weights(model, path: str | os.PathLike) -> None:
         model.load_weights(path)
     except (ValueError, OSError, KeyError) as e:
         raise WeightsError(
-            f"--init-weights file {path} does not fit this model ({type(e).__name__}: {e})"
+            f"--init-weights file {path} does not fit this model, so it was saved from another one (check "
+            f"--model, --cut, --head-blocks, --head-filters, --se): {type(e).__name__}: {first_line(e)}"
         ) from None

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import keras
@@ -14,6 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.rundir import file_sha256
+from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import error_lines, run_cli
 
 RNG = np.random.default_rng(0)
@@ -113,6 +116,25 @@ def _setup_error(case: str, tmp_path, demo_dir) -> tuple[list[str], str]:
     if case in ("truncated --weights file", "truncated --init-weights file"):
         flag = case.split()[1]
         return [flag, str(_weights_file(tmp_path, truncate=True))], "is not a readable HDF5 weights file"
+    if case == "one class folder (data) under Training":  # --data-dir one level too high
+        nested = tmp_path / "nested"
+        shutil.move(str(data / "Training"), str(tmp_path / "classes"))
+        (nested / "Training").mkdir(parents=True)
+        shutil.move(str(tmp_path / "classes"), str(nested / "Training" / "data"))
+        shutil.rmtree(data)
+        shutil.move(str(nested), str(data))
+        shutil.rmtree(data / "Testing", ignore_errors=True)
+        return ["--test-split", "0.2"], "1 class folder (data) under"
+    if case == "a class with one training image":
+        for extra in sorted((data / "Training" / "glioma").iterdir())[1:]:
+            extra.unlink()
+        return ["--val-split", "0"], "class glioma has fewer than 2 training images"
+    if case == "whole-model file as --weights":
+        path = tmp_path / "model.weights.h5"
+        with h5py.File(path, "w") as f:  # the shape of Keras 3's save_weights of the classifier
+            f.create_group("layers/functional/layers/conv2d/vars").create_dataset("0", data=np.zeros(3))
+            f.create_group("layers/dense/vars").create_dataset("0", data=np.zeros(3))
+        return ["--weights", str(path)], "holds a whole model's weights"
     if case == "unwritable output folder":
         (tmp_path / "a-file").write_text("x")
         return ["--out", str(tmp_path / "a-file" / "run")], "is not writable"
@@ -122,6 +144,8 @@ def _setup_error(case: str, tmp_path, demo_dir) -> tuple[list[str], str]:
 @pytest.mark.parametrize("case", [
     "empty class folder", "class folder in one split only", "missing --weights file", "missing --init-weights file",
     "truncated --weights file", "truncated --init-weights file", "unwritable output folder",
+    "one class folder (data) under Training", "a class with one training image",
+    "whole-model file as --weights",
 ])
 def test_input_errors_stop_before_training_with_one_line(case, tmp_path, demo_dir):
     extra, message = _setup_error(case, tmp_path, demo_dir)
@@ -134,7 +158,45 @@ def test_input_errors_stop_before_training_with_one_line(case, tmp_path, demo_di
     assert result.exit_code == 2, result.output
     lines = error_lines(result.output)
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not (tmp_path / "run" / "history.csv").exists()
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() == "tensorflow", reason="tensorflow is the backend there")
+def test_a_training_run_under_torch_or_jax_never_imports_tensorflow(demo_dir, tmp_path):
+    script = ("import sys; from cli import cli\n"
+              "try:\n    cli(sys.argv[1:], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+              "print('tensorflow imported:', 'tensorflow' in sys.modules)")
+    result = subprocess.run(
+        [sys.executable, "-c", script, "train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "1",
+         "--weights", "none", "--out", str(tmp_path / "run"), "--verbose", "0"],
+        capture_output=True, text=True, env=cli_env(active_backend()), cwd=ROOT, timeout=600)
+    assert (tmp_path / "run" / "metrics.json").exists(), result.stderr[-2000:]
+    assert "tensorflow imported: False" in result.stdout
+    assert "oneDNN" not in result.stderr  # tensorflow's start-up lines
+
+
+@pytest.mark.slow
+def test_init_weights_of_another_architecture_is_one_line_and_no_run_folder(demo_dir, tmp_path):
+    other = tmp_path / "hybrid.weights.h5"
+    result = run_cli("init-weights", str(other), "--model", "hybrid", "--image-size", "32", "--weights", "none")
+    assert result.exit_code == 0, result.output
+    run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--data-dir", str(demo_dir), "--image-size",
+                          "32", "--weights", "none", "--init-weights", str(other), "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, env=cli_env(active_backend()), cwd=ROOT, timeout=300)
+    assert run.returncode == 2
+    lines = error_lines(run.stderr)
+    assert len(lines) == 1 and "does not fit this model, so it was saved from another one" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_csv_is_refused_before_any_prediction(trained_run, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = run_cli("predict", str(trained_run), str(trained_run / "stability.png"), "--csv",
+                     str(tmp_path / "a-file" / "out.csv"))
+    assert result.exit_code == 2
+    lines = error_lines(result.output)
+    assert len(lines) == 1 and lines[0].startswith("error: --csv") and "cannot be written" in lines[0], lines
 
 
 def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path, trained_run):
@@ -148,3 +210,19 @@ def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path, trained_run):
     assert result.exit_code == 2
     lines = error_lines(result.output)
     assert len(lines) == 1 and "refused by Keras safe_mode" in lines[0] and "Lambda" in lines[0]
+
+
+def test_class_imbalance_beyond_the_threshold_is_reported_not_refused(tmp_path):
+    from data.discovery import Example, Splits
+    from engine.config import IMBALANCE_REPORTED, TrainConfig, check_splits
+
+    assert IMBALANCE_REPORTED == 10.0  # the figures below
+
+    def splits(big: int, small: int) -> Splits:
+        train = [Example(f"a{i}.jpg", 0) for i in range(big)] + [Example(f"b{i}.jpg", 1) for i in range(small)]
+        return Splits(["a", "b"], train, [], [], "none", [])
+
+    cfg = TrainConfig(data_dir=str(tmp_path))
+    (note,) = check_splits(cfg, splits(22, 2))
+    assert "class imbalance: the largest training class has 11.0x" in note and "'b': 2" in note
+    assert check_splits(cfg, splits(20, 2)) == []  # 10x: at the threshold, not beyond it
