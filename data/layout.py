@@ -58,8 +58,9 @@ def files_under(path: str | Path) -> list[Path]:
 def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
     """The image files of every class folder of one split, empty folders included.
 
-    Returns `({class_name: [file, ...]}, ignored_files)`; files are sorted and
-    hidden files, `__MACOSX` folders and non-image extensions are ignored.
+    Returns `({class_name: [file, ...]}, ignored)`; files are sorted; hidden files and
+    `__MACOSX` folders are passed over; files of other extensions and symlinked folders
+    (with a trailing `/`) are listed as ignored.
     """
     files: dict[str, list[str]] = {}
     ignored: list[str] = []
@@ -67,7 +68,19 @@ def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
         found = files.setdefault(class_dir.name, [])
         for path in files_under(class_dir):
             (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(str(path))
+        ignored += [f"{link}/" for link in symlinked_folders(class_dir)]
     return files, ignored
+
+
+def symlinked_folders(folder: Path) -> list[Path]:
+    """The symlinked folders below `folder` (hidden ones aside): never followed, since a link
+    can loop or lead outside the dataset, so they are named among the ignored entries instead."""
+    return sorted(
+        Path(dirpath, name)
+        for dirpath, dirnames, _ in os.walk(folder, followlinks=False)
+        for name in dirnames
+        if Path(dirpath, name).is_symlink() and not _is_hidden(Path(dirpath, name), folder)
+    )
 
 
 def list_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:

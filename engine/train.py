@@ -456,6 +456,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: Ru
         "leakage": {"dropped_training_images": len(splits.dropped),
                     "test_images_with_a_training_twin": len(splits.leaked_test)} if cfg.finds_twins else None,
         "ignored_files": len(splits.ignored),
+        "ignored": splits.ignored,  # non-image files, and symlinked folders (ending in /), not followed
         "decoded_cache_mb": round(data.cache.nbytes / 2**20, 1) if data.cache is not None else 0,
         "deterministic": determinism,
         "starting_weights": starting_weights_record(cfg.weights, start),

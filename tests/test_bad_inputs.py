@@ -83,7 +83,9 @@ def test_bad_files_are_skipped_and_reported_and_the_rest_train(messy_data, tmp_p
     config = json.loads((run_dir / "config.json").read_text())
     readable = sum(1 for _, reason in FILES.values() if reason is None)
     assert sum(config["counts"]["train"]) + sum(config["counts"]["val"]) == 4 * 8 + readable
-    assert config["ignored_files"] == 1  # notes.txt; hidden files and __MACOSX are not even listed
+    # notes.txt and the symlinked folder (not followed: it loops); hidden files and __MACOSX are not listed
+    assert sorted(config["ignored"]) == [str(folder / "loop") + "/", str(folder / "notes.txt")]
+    assert config["ignored_files"] == 2
     assert f"Skipped {len(expected_skips)} unreadable files" in result.output
     assert len((run_dir / "history.csv").read_text().splitlines()) == 2  # the epoch finished
     rescaled = dict(line.split("\t", 1) for line in (run_dir / "decode-report.txt").read_text().splitlines())
