@@ -19,7 +19,7 @@ import numpy as np
 from markdown_it import MarkdownIt
 
 from engine.metrics import result_rows, results_row
-from engine.rundir import read_history
+from engine.rundir import atomic_write, read_history
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -386,5 +386,6 @@ def build_report(path: str | Path, samples: int = 6, data_dir: str | None = None
     else:
         raise RunError(f"{path} is neither a run directory (config.json) nor a compare directory (compare.json)")
     target = Path(out) if out else path / "report.html"
-    target.write_text(text)
+    with atomic_write(target) as tmp:  # into a run directory: never half a page
+        tmp.write_text(text)
     return target

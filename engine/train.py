@@ -286,8 +286,10 @@ def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: P
         if cfg.init_weights and not resume:
             load_initial_weights(model, cfg.init_weights)
     if caught:
-        with open(run_dir / "warnings.log", "a") as f:
-            f.writelines(f"{w.category.__name__}: {w.message}\n" for w in caught)
+        log_file = run_dir / "warnings.log"
+        earlier = log_file.read_text() if log_file.exists() else ""  # a resumed run adds to it
+        with atomic_write(log_file) as tmp:
+            tmp.write_text(earlier + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught))
     return model
 
 
