@@ -72,13 +72,16 @@ def _all_finite(path) -> bool:
     return all(finite)
 
 
+# The diverging setting: Adam at 1e3 on batches of 4 (every checkpoint kept, to read them all).
+DIVERGING = ("--image-size", "32", "--batch-size", "4", "--epochs", "3", "--lr", "1e3", "--weights", "none",
+             "--keep-checkpoints", "all", "--verbose", "0")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(active_backend() != "tensorflow", reason="trains to divergence once, in the tensorflow pass")
 def test_a_diverging_run_exits_1_and_leaves_only_finite_checkpoints(demo_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_subprocess("train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "4",
-                            "--epochs", "3", "--lr", "1e3", "--weights", "none", "--keep-checkpoints", "all",
-                            "--out", str(run_dir), "--verbose", "0")
+    result = run_subprocess("train", "--data-dir", str(demo_dir), *DIVERGING, "--out", str(run_dir))
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
     assert "non-finite" in message and "training stopped" in message
