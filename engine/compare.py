@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.markdown import markdown_table
 from engine.backend import backend_subprocess_env
 from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
 from engine.rundir import atomic_write, checkpoint_state, read_history, write_json
@@ -235,7 +236,6 @@ def plot_curves(results: list[dict], path: Path) -> None:
 
 
 def _format_effects(effects: list[dict], spread: float | None, target: str) -> str:
-    from data.markdown import markdown_table
 
     rows = []
     for e in effects:
@@ -247,7 +247,6 @@ def _format_effects(effects: list[dict], spread: float | None, target: str) -> s
 
 
 def _format_divergence(rows: list[dict]) -> str:
-    from data.markdown import markdown_table
 
     keys = list(rows[0])
     cells = [[str(row[k]) if k == "epoch" else f"{row[k]:.4f}" for k in keys] for row in rows]
