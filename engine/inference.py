@@ -35,6 +35,7 @@ class TrainedRun:
     image_size: int
     preprocess: str
     options: dict
+    config: dict  # the run's whole config.json (counts, data paths), read once by load_run
 
     def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Inference-mode logits of uint8 NHWC images of side `image_size`."""
@@ -98,14 +99,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
                 model.load_weights(weights)
         except (ValueError, OSError, KeyError) as e:
             raise RunError(f"{weights} does not fit {model_path} ({type(e).__name__}: {e})") from None
-    return TrainedRun(run_dir, model, checkpoint, classes, image_size, preprocess, options)
+    return TrainedRun(run_dir, model, checkpoint, classes, image_size, preprocess, options, config)
 
 
 def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> tuple[list[Example], str]:
     """The labelled images to evaluate on: one of the run's own splits (`test`, `val`,
     `train`, rebuilt with the run's split options and seed) or every image of a split
     folder of `data_dir` (e.g. `Testing`). Returns `(examples, description)`."""
-    data_dir = Path(data_dir or recorded_data_dir(json.loads((run.run_dir / "config.json").read_text())))
+    data_dir = Path(data_dir or recorded_data_dir(run.config))
     if split in SPLITS:
         opts = run.options
         # --dedup changes what is left of the training pool, never the test split.
@@ -132,12 +133,11 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
 def _check_counts(run: TrainedRun, split: str, examples: list[Example], where: Path) -> None:
     """The run's own split rebuilt from `where` must hold the images per class the run recorded
     (plus at most the files it skipped as unreadable): the same data, wherever it now is."""
-    config = json.loads((run.run_dir / "config.json").read_text())
-    recorded = (config.get("counts") or {}).get(split)
+    recorded = (run.config.get("counts") or {}).get(split)
     if recorded is None:
         return
     found = [sum(e.label == c for e in examples) for c in range(len(run.classes))]
-    skipped = int(config.get("skipped_files") or 0)
+    skipped = int(run.config.get("skipped_files") or 0)
     if any(not 0 <= f - r <= skipped for f, r in zip(found, recorded, strict=True)):
         raise DatasetError(f"the {split} split of {where} holds {found} images per class, the run's held {recorded}: "
                            f"not the data the run used (--data-dir names its place)")
