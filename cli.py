@@ -7,7 +7,6 @@ Pick the backend with KERAS_BACKEND, e.g.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -25,6 +24,7 @@ from engine.options import (
     click_options,
     config_file_option,
     field_names,
+    level_lists,
 )
 from engine.parity import ParityConfig
 from errors import UserInputError
@@ -56,19 +56,6 @@ def _user_errors(fn):
             raise UserError(str(e)) from None
 
     return wrapper
-
-
-def grid_levels(*names: str) -> dict[str, dict]:
-    """`click_options` overrides that let the named options take several comma-separated levels (a grid)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    return {name: {"type": LevelList(_click_type(fields[name])),
-                   "help": fields[name].metadata["cli"]["help"] + " Several comma-separated values make a grid."}
-            for name in names}
-
-
-def _click_type(field: dataclasses.Field) -> click.ParamType:
-    declared = field.metadata["cli"]["type"]
-    return declared if isinstance(declared, click.ParamType) else click.STRING
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -340,7 +327,7 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
 
 
 @cli.command(cls=GroupedCommand)
-@click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=grid_levels(*FACTORS))
+@click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=level_lists(TrainConfig, *FACTORS))
 @click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
 @click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every cell over these seeds (batch order, augmentation, head init).")
 @config_file_option(TrainConfig)

@@ -153,6 +153,18 @@ def click_options(config_cls: type, names: Iterable[str] | None = None,
     return decorate
 
 
+def level_lists(config_cls: type, *names: str) -> dict[str, dict]:
+    """`click_options` overrides that let the named options take several comma-separated
+    levels (a grid), each level checked by the option's own type."""
+    fields = {f.name: f for f in cli_fields(config_cls, names)}
+    overrides = {}
+    for name in names:
+        declared = fields[name].metadata["cli"]
+        inner = declared["type"] if isinstance(declared["type"], click.ParamType) else click.STRING
+        overrides[name] = {"type": LevelList(inner), "help": declared["help"] + " Several comma-separated values make a grid."}
+    return overrides
+
+
 def command_defaults(config_cls: type, overrides: dict[str, dict] | None = None) -> dict[str, Any]:
     """What each option of a command defaults to (for tests and docs)."""
     return {f.name: (overrides or {}).get(f.name, {}).get("default", f.default) for f in cli_fields(config_cls)}
