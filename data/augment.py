@@ -6,6 +6,11 @@ comes from a generator seeded by (seed, epoch, example index) alone, so an
 augmented image does not depend on the backend, the worker count or the order
 in which batches are produced. Crop, flip and rotation are folded into one
 affine map and resampled once.
+
+A second style, "keras-generator", is the study's "seed-keras" recipe, Keras'
+ImageDataGenerator (rotation, shifts, zoom, flip: see `data.keras_generator`),
+and the preprocess mode `caffe-rescaled` is what that generator's
+`standardize` made of its images.
 """
 
 from __future__ import annotations
@@ -16,31 +21,73 @@ import math
 import numpy as np
 from PIL import Image
 
+from data import keras_generator
+
 _AUGMENT_TAG = 0x4155
 
 # What keras.applications.resnet50.preprocess_input ("caffe" mode) subtracts, in BGR order.
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PREPROCESS_MODES = ("caffe", "imagenet")
+PREPROCESS_MODES = ("caffe", "imagenet", "caffe-rescaled")
+AUGMENT_STYLES = ("torchvision", "keras-generator")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Which augmentations run, and their ranges."""
+    """Which augmentations run, and their ranges.
+
+    `style="torchvision"` uses crop, flip and rotation; `style="keras-generator"`
+    uses rotation (`rotation_range`), `shift_range` (`width_shift_range` and
+    `height_shift_range`, a fraction of the side), `zoom_range` (`z`: zoom drawn
+    from `[1 - z, 1 + z]`) and the flip (`horizontal_flip=True` is 0.5); `crop`
+    and its ranges do not apply to it.
+    """
 
     crop: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     rotate_degrees: float = 10.0
+    style: str = "torchvision"
+    # 0.1 and 0.1: common values in Keras brain-MRI notebooks for width/height_shift_range and
+    # zoom_range (next to rotation_range=10, the `rotate_degrees` default): moves of at most 10% that
+    # keep the head inside the frame. Only the keras-generator style reads them.
+    shift_range: float = 0.1
+    zoom_range: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.style not in AUGMENT_STYLES:
+            raise ValueError(f"unknown augmentation style {self.style!r}; expected one of {AUGMENT_STYLES}")
+        # Keras reads a shift below 1 as a fraction of the side and 1 or more as pixels; only fractions here.
+        if not 0 <= self.shift_range < 1:
+            raise ValueError(f"shift_range must be a fraction of the side in [0, 1), got {self.shift_range!r}")
+        if not 0 <= self.zoom_range < 1:
+            raise ValueError(f"zoom_range must be in [0, 1), got {self.zoom_range!r}")
 
     @classmethod
     def none(cls) -> AugmentConfig:
-        return cls(crop=False, flip_prob=0.0, rotate_degrees=0.0)
+        return cls(crop=False, flip_prob=0.0, rotate_degrees=0.0, shift_range=0.0, zoom_range=0.0)
+
+    @classmethod
+    def keras_generator(
+        cls,
+        rotation_range: float = 10.0,
+        shift_range: float = 0.1,
+        zoom_range: float = 0.1,
+        horizontal_flip: bool = True,
+    ) -> AugmentConfig:
+        """`ImageDataGenerator(rotation_range, width_shift_range=height_shift_range=shift_range,
+        zoom_range, horizontal_flip)`, with its argument names."""
+        return cls(
+            crop=False, flip_prob=0.5 if horizontal_flip else 0.0, rotate_degrees=rotation_range,
+            style="keras-generator", shift_range=shift_range, zoom_range=zoom_range,
+        )
 
     @property
     def enabled(self) -> bool:
+        if self.style == "keras-generator":
+            return self.flip_prob > 0 or self.rotate_degrees > 0 or self.shift_range > 0 or self.zoom_range > 0
         return self.crop or self.flip_prob > 0 or self.rotate_degrees > 0
 
 
@@ -114,7 +161,22 @@ def _output_to_input_map(
 
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-    """Returns a randomly cropped, flipped and rotated copy of a square uint8 image."""
+    """Returns a randomly augmented copy of a square uint8 image, in `config.style`."""
+    if config.style == "keras-generator":
+        return _keras_generator_image(image, rng, config)
+    return _torchvision_image(image, rng, config)
+
+
+def _keras_generator_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    params = keras_generator.draw_params(
+        rng, image.shape[:2], config.rotate_degrees, config.shift_range, config.shift_range,
+        config.zoom_range, config.flip_prob,
+    )
+    return keras_generator.apply_transform(image, params)
+
+
+def _torchvision_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """A randomly cropped, flipped and rotated copy of a square uint8 image."""
     size = image.shape[0]
     box, flip, angle = augment_params(rng, size, config)
     if box == (0, 0, size, size) and angle == 0.0:
@@ -137,10 +199,21 @@ def normalize(images: np.ndarray, mode: str) -> np.ndarray:
     is `keras.applications.resnet50.preprocess_input` and what the Keras
     ImageNet weights were trained with. `imagenet`: x/255, then the ImageNet
     mean and standard deviation per RGB channel, as torchvision's recipe does.
+    `caffe-rescaled`: `caffe`, then times 1/255, the same bytes as
+    `ImageDataGenerator(rescale=1/255, preprocessing_function=resnet50.preprocess_input)
+    .standardize`, which runs the function first and rescales after (the study's
+    "seed-keras" recipe: inputs of about -0.5 to 0.6, not the range the ImageNet
+    weights saw).
     """
     if mode == "caffe":
         # One pass: uint8 -> float32 and the subtraction fused, same bytes as two steps.
         return np.subtract(images[..., ::-1], CAFFE_MEAN_BGR, dtype=np.float32)
+    if mode == "caffe-rescaled":
+        x = np.subtract(images[..., ::-1], CAFFE_MEAN_BGR, dtype=np.float32)
+        # Keras' `x *= 1/255` on float32 rounds the Python float to float32 first (NumPy 2's
+        # weak-scalar rule) and multiplies: not a division by 255, which differs in the last bit.
+        x *= np.float32(1 / 255)
+        return x
     if mode == "imagenet":
         x = np.divide(images, np.float32(255.0), dtype=np.float32)
         x -= IMAGENET_MEAN
