@@ -1,14 +1,22 @@
-"""The models: the plain ResNet50 classifier and the hybrid (ResNet50 cut + custom CNN head).
+"""The models: the plain ResNet50 classifier and the hybrid (ResNet50 cut + custom CNN head),
+on Keras' ResNet50 (v1) or torchvision's (v1.5) backbone (`model.resnet`).
 
 `model.weights`, `model.spec` and `model.factory` do not import Keras, so options can be
 checked before a backend loads; the builders are imported on first use for the same reason.
 """
 
 from model.factory import build_model
-from model.spec import CUTS, MODELS, ModelSpec
-from model.weights import WeightsError, check_weights_file, load_initial_weights, resolve_backbone_weights
+from model.spec import ARCHS, CUTS, MODELS, ModelSpec
+from model.weights import (
+    WeightsError,
+    check_weights_file,
+    load_initial_weights,
+    resolve_arch,
+    resolve_backbone_weights,
+)
 
 __all__ = [
+    "ARCHS",
     "CUTS",
     "MODELS",
     "ModelSpec",
@@ -18,6 +26,7 @@ __all__ = [
     "build_model",
     "check_weights_file",
     "load_initial_weights",
+    "resolve_arch",
     "resolve_backbone_weights",
 ]
 

@@ -1,4 +1,5 @@
-"""The plain classifier: ResNet50 without its top, global average pooling, dropout, logits.
+"""The plain classifier: ResNet50 (Keras' v1 or torchvision's v1.5) without its top, global
+average pooling, dropout, logits.
 
 `build_backbone` and `classification_head` are shared with the hybrid model.
 """
@@ -7,24 +8,33 @@ from __future__ import annotations
 
 import keras
 
-from model.spec import BACKBONE_NAME, CUT_LAYERS
+from model.resnet import load_backbone_weights, resnet50
+from model.spec import BACKBONE_NAME, CUT_LAYERS, KERAS_V1
 from model.structure import set_backbone_trainable
-from model.weights import WeightsError, first_line, resolve_backbone_weights
+from model.weights import WeightsError, first_line, resolve_arch, resolve_backbone_weights
 
 FREEZE_MODES = ("none", "backbone")
 
 
 def build_backbone(
-    image_size: int, weights: str = "none", cut: str = "conv5", bn_momentum: float | None = None
+    image_size: int,
+    weights: str = "none",
+    cut: str = "conv5",
+    bn_momentum: float | None = None,
+    arch: str = KERAS_V1,
 ) -> keras.Model:
-    """`keras.applications.ResNet50(include_top=False)` for square RGB inputs, ending at `cut`."""
+    """ResNet50 of `arch` without its top (`model.resnet`) for square RGB inputs, ending at `cut`.
+
+    `weights` that were trained for another architecture (Keras' ImageNet weights and v1.5,
+    torchvision's and v1) are refused before anything is built.
+    """
     if cut not in CUT_LAYERS:
         raise ValueError(f"cut must be one of {tuple(CUT_LAYERS)}, got {cut!r}")
+    resolve_arch(arch, weights)
     resolved = resolve_backbone_weights(weights)
+    resnet = resnet50(arch, image_size)
     try:
-        resnet = keras.applications.ResNet50(
-            include_top=False, weights=resolved, input_shape=(image_size, image_size, 3)
-        )
+        load_backbone_weights(resnet, resolved)
     except (ValueError, OSError) as e:
         raise WeightsError(f"cannot load backbone weights {weights!r}: {first_line(e)}") from None
     if bn_momentum is not None:
@@ -55,13 +65,16 @@ def build_classifier(
     dropout: float = 0.2,
     bn_momentum: float | None = None,
     dropout_seed: int | None = None,
+    arch: str = KERAS_V1,
 ) -> keras.Model:
     """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss).
 
     Args:
         num_classes: size of the logits layer.
         image_size: square input side, in pixels (32 or more).
-        weights: `imagenet`, `none` (random init) or a path to backbone weights.
+        weights: `imagenet` (Keras', for keras-v1), `torchvision` or `torchvision-v2`
+            (torchvision's IMAGENET1K_V1 or V2, for torchvision-v1.5), `none` (random
+            init), a path to backbone weights (.h5) or to a torchvision state dict (.pth).
         freeze: `none` trains everything; `backbone` trains only the head.
         dropout: rate of the dropout before the logits.
         bn_momentum: if set, the moving-average momentum of every backbone
@@ -69,10 +82,11 @@ def build_classifier(
             equivalent is 0.9). A lower value lets the inference statistics
             catch up in short runs from random weights.
         dropout_seed: seed of the dropout masks (see `classification_head`).
+        arch: the backbone, one of `model.spec.ARCHS`.
     """
     if freeze not in FREEZE_MODES:
         raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {freeze!r}")
-    backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum)
+    backbone = build_backbone(image_size, weights, bn_momentum=bn_momentum, arch=arch)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     logits = classification_head(backbone(inputs), num_classes, dropout, dropout_seed)
     model = keras.Model(inputs, logits, name="resnet50_classifier")

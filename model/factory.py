@@ -17,11 +17,11 @@ def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str
 
         return build_hybrid(
             num_classes, image_size, weights, spec.cut, spec.head_blocks, spec.head_filters, spec.se,
-            spec.dropout, spec.bn_momentum, spec.dropout_seed,
+            spec.dropout, spec.bn_momentum, spec.dropout_seed, spec.arch,
         )
     from model.classifier import build_classifier
 
     return build_classifier(
         num_classes, image_size, weights, dropout=spec.dropout, bn_momentum=spec.bn_momentum,
-        dropout_seed=spec.dropout_seed,
+        dropout_seed=spec.dropout_seed, arch=spec.arch,
     )

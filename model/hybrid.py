@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 
 from model.classifier import build_backbone, classification_head
+from model.spec import KERAS_V1
 
 
 def squeeze_excite(x, name: str, output_name: str, ratio: int = 16):
@@ -41,6 +42,7 @@ def build_hybrid(
     dropout: float = 0.2,
     bn_momentum: float | None = None,
     dropout_seed: int | None = None,
+    arch: str = KERAS_V1,
 ) -> keras.Model:
     """ResNet50 up to `cut` (`conv3`, `conv4` or `conv5`) and a custom CNN head; outputs logits.
 
@@ -51,7 +53,7 @@ def build_hybrid(
         se: add squeeze-and-excitation to each head block.
         The other arguments are those of `build_classifier`.
     """
-    backbone = build_backbone(image_size, weights, cut, bn_momentum)
+    backbone = build_backbone(image_size, weights, cut, bn_momentum, arch)
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = backbone(inputs)
     for i in range(1, head_blocks + 1):

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 MODELS = ("resnet50", "hybrid")
+# The backbone's architecture. keras-v1: `keras.applications.ResNet50` (the stride of a stage's
+# first block on its 1x1 convolution; Keras' ImageNet weights). torchvision-v1.5: torchvision's
+# `resnet50` (the stride on the 3x3 convolution, no conv biases; torchvision's weights).
+KERAS_V1, TORCHVISION_V15 = "keras-v1", "torchvision-v1.5"
+ARCHS = (KERAS_V1, TORCHVISION_V15)
 BACKBONE_NAME = "resnet50"  # the backbone's layer name inside either model
 # Where `--cut` ends the backbone: the output layer of the last residual block of a stage.
 CUT_LAYERS = {
@@ -15,12 +20,14 @@ CUT_LAYERS = {
 CUTS = tuple(CUT_LAYERS)
 # ResNet50's residual blocks per stage (conv1 is the stem, not a block).
 STAGE_BLOCKS = {"conv2": 3, "conv3": 4, "conv4": 6, "conv5": 3}
+# The bottleneck width of each stage's blocks; a block outputs 4 times as many channels.
+STAGE_FILTERS = {"conv2": 64, "conv3": 128, "conv4": 256, "conv5": 512}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The architecture options; `cut`, `head_blocks`, `head_filters` and `se` are the
-    hybrid's (see `model.hybrid.build_hybrid`)."""
+    hybrid's (see `model.hybrid.build_hybrid`); `arch` is the backbone's, one of `ARCHS`."""
 
     name: str = "resnet50"
     cut: str = "conv4"
@@ -30,10 +37,13 @@ class ModelSpec:
     dropout: float = 0.2
     bn_momentum: float | None = None
     dropout_seed: int | None = None  # a training run passes its --seed
+    arch: str = KERAS_V1
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.name!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.cut not in CUTS:
             raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
 

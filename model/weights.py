@@ -1,7 +1,9 @@
 """Where the backbone's starting weights come from, with clear offline errors, and whether
-a cached ImageNet file is the one Keras published.
+a cached ImageNet file is the one Keras (or torchvision) published.
 
-Nothing here imports Keras: options and files are checked before a backend loads.
+Nothing here imports Keras or torch: options and files are checked before a backend loads.
+A torchvision state dict is converted to Keras' layout once, by `model.torchvision_convert`
+in a subprocess (so a tensorflow or jax process never loads torch), into Keras' cache.
 """
 
 from __future__ import annotations
@@ -12,17 +14,38 @@ import hashlib
 import importlib.util
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from errors import UserInputError
+from model.spec import ARCHS, KERAS_V1, TORCHVISION_V15
 
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _WEIGHTS_HOST = "storage.googleapis.com"
 # Where keras.applications.ResNet50 keeps the published hashes of its weight files, and where
-# in the table the notop file's is (`WEIGHTS_HASHES["resnet50"] = (top, notop)`).
+# in the table the notop file's is (`WEIGHTS_HASHES["resnet50"] = (top, notop)`), and the
+# folder URL it downloads them from.
 _KERAS_RESNET_SOURCE = ("src", "applications", "resnet.py")
 _HASH_TABLE, _HASH_KEY, _NOTOP = "WEIGHTS_HASHES", "resnet50", 1
+_BASE_URL = "BASE_WEIGHTS_PATH"
 _CHUNK = 2**20  # bytes read at a time when hashing a file
+
+# torchvision's ResNet50 weights, `--weights NAME: (ResNet50_Weights member, file name)`, as
+# torchvision publishes them: the part after the dash is the start of the file's SHA-256
+# (torch.hub's naming rule), which `check_torchvision_file` verifies.
+TORCHVISION_WEIGHTS = {
+    "torchvision": ("IMAGENET1K_V1", "resnet50-0676ba61.pth"),
+    "torchvision-v2": ("IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+_TORCHVISION_HOST = "download.pytorch.org"
+STATE_DICT_SUFFIXES = (".pth", ".pt")
+# The converted file's layout version: a file of another version is converted again.
+CONVERTED_FORMAT = 1
+_CONVERTER = "model.torchvision_convert"
+_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TORCH_INSTALL = "pip install -r requirements/runtime.lock (torch 2.14.1 with torchvision 0.29.1)"
 
 
 class WeightsError(UserInputError, ValueError):
@@ -59,19 +82,28 @@ def file_sha256(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
 
 
-def published_hashes() -> dict[str, tuple[str, str]]:
-    """Keras' table of the ResNet weight files' published hashes, `{name: (top, notop)}`, as
-    `keras.applications.ResNet50` hands them to `get_file`. Read from Keras' source with `ast`,
-    not imported: importing any `keras.src` module loads a backend, and this runs before one."""
+def _keras_resnet_constant(name: str, what: str):
+    """A constant of `keras.applications.resnet`'s source, read with `ast`, not imported:
+    importing any `keras.src` module loads a backend, and this runs before one."""
     spec = importlib.util.find_spec("keras")  # a top-level package is found, not imported
     source = Path(spec.submodule_search_locations[0], *_KERAS_RESNET_SOURCE) if spec else None
     try:
         tree = ast.parse(source.read_text())
         return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                    and any(getattr(t, "id", None) == _HASH_TABLE for t in node.targets))
+                    and any(getattr(t, "id", None) == name for t in node.targets))
     except (AttributeError, OSError, SyntaxError, StopIteration, ValueError) as e:
-        raise WeightsError(f"cannot read Keras' published weight hashes ({_HASH_TABLE}) from {source}: "
-                           f"{type(e).__name__} {e}") from None
+        raise WeightsError(f"cannot read Keras' {what} ({name}) from {source}: {type(e).__name__} {e}") from None
+
+
+def published_hashes() -> dict[str, tuple[str, str]]:
+    """Keras' table of the ResNet weight files' published hashes, `{name: (top, notop)}`, as
+    `keras.applications.ResNet50` hands them to `get_file`."""
+    return _keras_resnet_constant(_HASH_TABLE, "published weight hashes")
+
+
+def imagenet_url() -> str:
+    """Where `keras.applications.ResNet50` downloads the ImageNet notop file from."""
+    return _keras_resnet_constant(_BASE_URL, "weights URL") + IMAGENET_NOTOP_FILE
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,15 +138,19 @@ def check_weights_file(path: Path, what: str) -> None:
 
 
 def resolve_backbone_weights(spec: str) -> str | None:
-    """Maps `--weights imagenet|none|PATH` to what `keras.applications.ResNet50` takes.
+    """Maps `--weights imagenet|torchvision|torchvision-v2|none|PATH` to the file the
+    backbone's weights are read from (`model.resnet.load_backbone_weights` takes it).
 
     `imagenet` is the cached file when present, refused unless it has Keras' published
     hash; otherwise Keras downloads it (and checks that hash itself), which needs the
     network: offline, this raises at once with the file name, the folder to put it in
-    and the alternatives.
+    and the alternatives. `torchvision`, `torchvision-v2` and `PATH.pth` are a torchvision
+    state dict (see `resolve_torchvision_weights`), returned as the .pth file's path.
     """
     if spec == "none":
         return None
+    if is_torchvision_weights(spec):
+        return resolve_torchvision_weights(spec)
     if spec == "imagenet":
         cached = keras_models_dir() / IMAGENET_NOTOP_FILE
         if cached.is_file():
@@ -163,3 +199,119 @@ def load_initial_weights(model, path: str | os.PathLike) -> None:
             f"--init-weights file {path} does not fit this model, so it was saved from another one (check "
             f"--model, --cut, --head-blocks, --head-filters, --se): {type(e).__name__}: {first_line(e)}"
         ) from None
+
+
+def is_torchvision_weights(spec: str) -> bool:
+    """Whether `--weights` names a torchvision state dict: one of `TORCHVISION_WEIGHTS`, or a
+    .pth / .pt file."""
+    return spec in TORCHVISION_WEIGHTS or Path(spec).suffix in STATE_DICT_SUFFIXES
+
+
+def weights_arch(spec: str) -> str | None:
+    """The architecture `--weights` were trained for (None: `none`, or a Keras weights file,
+    which must fit the architecture it is loaded into)."""
+    if is_torchvision_weights(spec):
+        return TORCHVISION_V15
+    return KERAS_V1 if spec == "imagenet" else None
+
+
+def resolve_arch(arch: str | None, weights: str) -> str:
+    """`arch`, or when None the one the weights imply (torchvision's weights:
+    torchvision-v1.5; otherwise keras-v1). Raises `WeightsError` when they contradict."""
+    if arch is not None and arch not in ARCHS:
+        raise WeightsError(f"arch must be one of {ARCHS}, got {arch!r}")
+    implied = weights_arch(weights)
+    if arch is None:
+        return implied or KERAS_V1
+    if implied and implied != arch:
+        raise WeightsError(f"--weights {weights} are ResNet50 {implied} weights and do not fit --arch {arch}: "
+                           f"use --arch {implied}, or other weights")
+    return arch
+
+
+def torch_hub_dir() -> Path:
+    """`torch.hub.get_dir()` without importing torch: $TORCH_HOME/hub, where TORCH_HOME defaults
+    to $XDG_CACHE_HOME/torch and XDG_CACHE_HOME to ~/.cache."""
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
+
+
+def torchvision_checkpoint(name: str) -> Path:
+    """Where torch.hub keeps (and downloads) torchvision's file of `--weights name`."""
+    return torch_hub_dir() / "checkpoints" / TORCHVISION_WEIGHTS[name][1]
+
+
+def cached_sha256(path: Path) -> str:
+    """`file_sha256`, computed once per process while the file keeps its size and mtime."""
+    stat = path.stat()
+    return _digest_of(str(path), "sha256", stat.st_size, stat.st_mtime_ns)
+
+
+def check_torchvision_file(path: Path) -> None:
+    """Raises `WeightsError` unless `path`'s SHA-256 starts with the hash in its file name, as
+    torch.hub's `check_hash` does on download."""
+    prefix = path.stem.rsplit("-", 1)[-1]
+    if not cached_sha256(path).startswith(prefix):
+        raise WeightsError(f"{path} does not match torchvision's published hash (SHA-256 {prefix}...): it is corrupt "
+                           f"or truncated; delete it and put the real file there (torch.hub downloads it when online)")
+
+
+def converted_torchvision_file(pth: str | os.PathLike) -> Path:
+    """The Keras-layout copy of a torchvision state dict, in Keras' cache, named by the
+    .pth file's SHA-256: one conversion serves every run and backend."""
+    return keras_models_dir() / f"resnet50_v1.5_torchvision_{cached_sha256(Path(pth))[:16]}.h5"
+
+
+def _is_converted(pth: Path) -> bool:
+    import h5py
+
+    converted = converted_torchvision_file(pth)
+    try:
+        with h5py.File(converted, "r") as f:
+            return f.attrs.get("format") == CONVERTED_FORMAT and f.attrs.get("source_sha256") == cached_sha256(pth)
+    except OSError:  # absent, or cut short: convert again
+        return False
+
+
+def resolve_torchvision_weights(spec: str) -> str:
+    """The .pth file of `--weights torchvision|torchvision-v2|PATH.pth`, converted to Keras'
+    layout if it is not yet (a subprocess with torch; it downloads torchvision's file into
+    torch.hub's cache when that is absent and the network is there).
+
+    A named file is looked for in torch.hub's cache first and used only with its published
+    hash; absent and offline, this raises at once, without importing torch, with the file
+    name, the folder to put it in and its URL.
+    """
+    if spec in TORCHVISION_WEIGHTS:
+        path = torchvision_checkpoint(spec)
+        if path.is_file():
+            check_torchvision_file(path)
+        elif not _can_reach(_TORCHVISION_HOST):
+            member, name = TORCHVISION_WEIGHTS[spec]
+            raise WeightsError(
+                f"torchvision's ResNet50 {member} weights are not cached and cannot be downloaded (offline): put "
+                f"{name} (from {TORCHVISION_URL}{name}) in {path.parent}/ (or set TORCH_HOME), or use "
+                f"--weights PATH.pth, or --weights none"
+            )
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise WeightsError(f"--weights file {path} does not exist")
+    if not (path.is_file() and _is_converted(path)):
+        _convert(spec)
+    return str(path)
+
+
+def _convert(spec: str) -> None:
+    """Runs `model.torchvision_convert` on `spec` in a subprocess: torch stays out of this
+    process. Its `WeightsError` comes back as one line."""
+    if importlib.util.find_spec("torch") is None:
+        raise WeightsError(f"--weights {spec} is a PyTorch state dict, and reading it needs torch: {TORCH_INSTALL}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.getenv("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", _CONVERTER, spec], capture_output=True, text=True, env=env)
+    if result.returncode == 0:
+        return
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"{WeightsError.__name__}: ")]
+    if errors:
+        raise WeightsError(errors[-1].split(": ", 1)[1])
+    raise RuntimeError(f"converting --weights {spec} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
