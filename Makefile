@@ -9,10 +9,13 @@ BACKENDS ?= torch tensorflow jax
 DEMO_DIR ?= demo-data
 DEMO_RUN ?= runs/demo-$(BACKEND)
 LOCKS := requirements/runtime.lock requirements/dev.lock
-# torch's CPU build (the one the locks pin) comes from PyTorch's wheel index, not PyPI; without
-# it pip takes PyPI's CUDA build (works on a CPU, about 2.7 GB of wheels instead of 0.19 GB):
-#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# Empty by default: pip uses only its configured indexes.
+# The locks pin PyPI's torch 2.14.1 and torchvision 0.29.1 (the CUDA build on Linux; it runs on
+# a CPU too, and .venv takes about 7.7 GB with its nvidia-* and triton packages). TORCH_INDEX is
+# only for a CPU lock you regenerated yourself with the same index (docs/install-lock.md):
+#   TORCH_INDEX=https://download.pytorch.org/whl/cpu scripts/lock
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# With the committed locks it saves nothing (the nvidia-* pins are installed anyway). Empty by
+# default: pip uses only its configured indexes.
 TORCH_INDEX ?=
 
 .PHONY: venv demo test lint clean
