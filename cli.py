@@ -25,9 +25,15 @@ from engine.options import (
     config_file_option,
     field_names,
     level_lists,
+    preset_option,
 )
 from engine.parity import ParityConfig
+from engine.recipes import RECIPES
 from errors import UserInputError
+
+RECIPE = preset_option({name: r.options for name, r in RECIPES.items()},
+                       "Start from a named preset of options (options given here or by --config override it): "
+                       + "; ".join(f"{name}: {r.summary}" for name, r in RECIPES.items()) + ".")
 
 # Quieter start-up for tensorflow; set before any backend import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -72,6 +78,7 @@ OVERWRITE = click.option("--overwrite", is_flag=True, cls=GroupedOption, group="
 @cli.command(cls=GroupedCommand)
 @click_options(TrainConfig, overrides=NOT_REQUIRED)
 @config_file_option(TrainConfig)
+@RECIPE
 @RESUME
 @OVERWRITE
 @_user_errors
@@ -83,6 +90,7 @@ def train(**options) -> None:
 @cli.command(cls=GroupedCommand)
 @click_options(TrainConfig, overrides={**HYBRID_RECIPE, **NOT_REQUIRED})
 @config_file_option(TrainConfig)
+@RECIPE
 @RESUME
 @OVERWRITE
 @_user_errors
@@ -215,6 +223,7 @@ def download(dest: str | None, dataset: str) -> None:
 @click.option("--epoch", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--batches", "num_batches", default=4, show_default=True, type=click.IntRange(1), help="How many batches to hash.")
 @config_file_option(TrainConfig)
+@RECIPE
 @_user_errors
 def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None, **options) -> None:
     """Print a SHA-256 of the first training batches of an epoch, as `train` feeds them."""
@@ -303,7 +312,7 @@ def parity(backends, out, plant, **options) -> None:
 
 
 # The options that decide a weights file's contents: the model's shape, the backbone's start, the seed.
-WEIGHTS_FILE_OPTIONS = ("image_size", "weights", "seed", "model", "cut", "head_blocks", "head_filters", "se")
+WEIGHTS_FILE_OPTIONS = ("image_size", "weights", "seed", "arch", "model", "cut", "head_blocks", "head_filters", "se")
 
 
 @cli.command("init-weights", cls=GroupedCommand)
@@ -331,6 +340,7 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
 @click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
 @click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every cell over these seeds (batch order, augmentation, head init).")
 @config_file_option(TrainConfig)
+@RECIPE
 @_user_errors
 def compare(backends, seeds, out, config_file, **options) -> None:
     """Train one configuration on each backend from one weights file; tables, effects, curves.
@@ -365,6 +375,62 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     click.echo(f"\nWrote {out_dir}/compare.md, compare.json, curves.png")
     if report["failures"]:
         raise SystemExit(1)
+
+
+@cli.command(cls=GroupedCommand)
+@click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=NOT_REQUIRED)
+@click.option("--backends", default=_installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
+@click.option("--seeds", default="0,1", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every step over these seeds (two or more give 95% intervals).")
+@config_file_option(TrainConfig)
+@_user_errors
+def reproduce(backends, seeds, out, config_file, **options) -> None:
+    """The study's gap, one factor at a time: seed-keras, then each factor changed toward seed-pytorch.
+
+    Steps: preprocessing, augmentation, BatchNorm momentum, architecture with its checkpoint
+    (the last step is the seed-pytorch recipe). Options given here hold on every step (e.g.
+    --weights none --image-size 64 --epochs 2 for an offline run). Writes reproduce.md/json,
+    waterfall.png: each step's effect and the framework effect, with 95% intervals.
+    """
+    import time
+
+    from data.discovery import make_splits
+    from engine.compare import CompareError
+    from engine.reproduce import run_reproduce
+    from engine.rundir import prepare_run_dir
+
+    if options["data_dir"] is None:
+        raise click.UsageError("Missing option '--data-dir' (or --config FILE).")
+    ctx = click.get_current_context()
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
+                                                   click.core.ParameterSource.DEFAULT_MAP)}
+    given.pop("recipe", None)
+    _check_reproduce_options(options, given)
+    splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
+    out_dir = prepare_run_dir(out or f"runs/reproduce-{time.strftime('%Y%m%d-%H%M%S')}", "reproduce")
+    try:
+        report = run_reproduce(options, given, backends, seeds, Path(out_dir), len(splits.classes), log=click.echo)
+    except CompareError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("\n" + report["markdown"])
+    click.echo(f"\nWrote {out_dir}/reproduce.md, reproduce.json, waterfall.png, curves.png")
+    if report["failures"]:
+        raise SystemExit(1)
+
+
+def _check_reproduce_options(options: dict, fixed: dict) -> None:
+    """Every step's options are checked before the first run: the starting weights of each step
+    (offline ImageNet or torchvision weights fail here, in a second) and the schedule."""
+    from engine.reproduce import plan_steps, step_options
+    from model.weights import resolve_backbone_weights
+
+    shared = step_options(options, fixed)
+    for step in plan_steps(fixed):
+        chosen = dict(shared, **dict(step.changes))
+        step_config = TrainConfig(**chosen)
+        step_config.check_schedule()
+        step_config.resolved_arch  # noqa: B018 -- the architecture fits the weights
+        resolve_backbone_weights(chosen["weights"])
 
 
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False))

@@ -17,11 +17,12 @@ from engine.backend import selected_backend
 from engine.options import FloatPair, PositiveFloat, option
 from engine.rundir import claim_run_dir, prepare_run_dir
 from errors import UserInputError
-from model.spec import CUTS, MODELS, ModelSpec
-from model.weights import check_weights_file, resolve_backbone_weights
+from model.spec import ARCHS, CUTS, MODELS, ModelSpec
+from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
 KEEP_CHECKPOINTS = ("all", "best", "none")
+AUGMENTS = ("standard", "keras-generator", "none")  # standard: torchvision's transforms
 DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
 _AUGMENT = AugmentConfig()  # the augmentation ranges are declared once, in data.augment
 
@@ -65,6 +66,10 @@ class TrainConfig:
                           group=MODEL)
     init_weights: str | None = option(None, "Start the whole model from a .weights.h5 file (e.g. another run's "
                                       "initial.weights.h5).", type=click.Path(), group=MODEL)
+    arch: str | None = option(None, "Backbone architecture: keras-v1 (keras.applications.ResNet50: the stride on a "
+                              "stage's first 1x1 convolution) or torchvision-v1.5 (torchvision's resnet50: the stride "
+                              "on the 3x3, no conv biases). Default: the one --weights implies (torchvision weights: "
+                              "torchvision-v1.5; otherwise keras-v1).", type=click.Choice(ARCHS), group=MODEL)
     model: str = option("resnet50", "resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN "
                         "head.", type=click.Choice(MODELS), group=MODEL)
     cut: str = option("conv4", "Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out).",
@@ -94,8 +99,13 @@ class TrainConfig:
                               type=click.Choice(SCHEDULES), group=OPTIMIZATION)
     warmup_epochs: float = option(0.0, "Main phase: linear warmup from 0 over this many epochs.",
                                   type=click.FloatRange(0), group=OPTIMIZATION)
-    augment: str = option("standard", "Training augmentation: random resized crop, horizontal flip, rotation.",
-                          type=click.Choice(["standard", "none"]), group=AUGMENTATION)
+    label_smoothing: float = option(0.0, "Cross-entropy label smoothing (0: off).",
+                                    type=click.FloatRange(0, 1, max_open=True), group=OPTIMIZATION)
+    weight_decay: float = option(0.0, "Decoupled weight decay of Adam (AdamW), on kernels only (not on BatchNorm "
+                                 "or biases; 0: off).", type=click.FloatRange(0), group=OPTIMIZATION)
+    augment: str = option("standard", "Training augmentation. standard: torchvision's random resized crop, "
+                          "horizontal flip, rotation (black fill); keras-generator: ImageDataGenerator's rotation, "
+                          "shift, zoom and flip (edge fill); none.", type=click.Choice(AUGMENTS), group=AUGMENTATION)
     crop_scale: tuple[float, float] = option(_AUGMENT.crop_scale, "Random resized crop: area fraction range.",
                                              type=FloatPair(), group=AUGMENTATION)
     crop_ratio: tuple[float, float] = option(_AUGMENT.crop_ratio, "Random resized crop: aspect ratio range.",
@@ -104,6 +114,10 @@ class TrainConfig:
                               type=click.FloatRange(0, 1), group=AUGMENTATION)
     rotate_degrees: float = option(_AUGMENT.rotate_degrees, "Rotation range +-degrees (0: off).",
                                    type=click.FloatRange(0, 180), group=AUGMENTATION)
+    shift_range: float = option(_AUGMENT.shift_range, "keras-generator: width and height shift range, a fraction "
+                                "of the side (0: off).", type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
+    zoom_range: float = option(_AUGMENT.zoom_range, "keras-generator: zoom drawn from [1-z, 1+z] per axis (0: off).",
+                               type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
     deterministic: bool = option(False, "Each framework's deterministic mode (tf op determinism, torch "
                                  "deterministic algorithms, XLA deterministic ops); recorded in config.json.",
                                  group=RUN)
@@ -115,10 +129,16 @@ class TrainConfig:
     verbose: int = option(1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch.", type=click.IntRange(0, 2),
                           group=RUN)
     runs_root: str = "runs"
+    recipe: str | None = None  # the --recipe whose options this run started from (engine.recipes)
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
-                         self.bn_momentum, dropout_seed=self.seed)
+                         self.bn_momentum, dropout_seed=self.seed, arch=self.resolved_arch)
+
+    @property
+    def resolved_arch(self) -> str:
+        """--arch, or the architecture --weights implies (WeightsError when they contradict)."""
+        return resolve_arch(self.arch, self.weights)
 
     def check_schedule(self) -> None:
         """Raises ConfigError for schedule options that do not fit together or the model."""
@@ -144,10 +164,13 @@ class TrainConfig:
                            find_twins=self.leakage_report and twins)
 
     def augment_config(self) -> AugmentConfig:
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.augment == "none":
             return AugmentConfig.none()
-        if self.augment != "standard":
-            raise ValueError(f"augment must be 'standard' or 'none', got {self.augment!r}")
+        if self.augment == "keras-generator":
+            return AugmentConfig(crop=False, flip_prob=self.flip_prob, rotate_degrees=self.rotate_degrees,
+                                 style="keras-generator", shift_range=self.shift_range, zoom_range=self.zoom_range)
         return AugmentConfig(
             crop=True,
             crop_scale=tuple(self.crop_scale),
@@ -231,6 +254,7 @@ def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -
     splits = cfg.splits(twins=False)  # the layout, in a second
     notes = check_splits(cfg, splits)
     if not resume:
+        cfg.resolved_arch  # noqa: B018 -- a contradiction (keras-v1 with torchvision weights) fails here
         resolve_backbone_weights(cfg.weights)
         if cfg.init_weights:
             check_weights_file(Path(cfg.init_weights), "--init-weights file")

@@ -215,6 +215,25 @@ def config_file_option(config_cls: type) -> Callable:
     )
 
 
+def preset_option(presets: dict[str, dict[str, Any]], help: str) -> Callable:
+    """`--recipe NAME`: the named preset's options become the command's defaults, below a
+    `--config` file's (whichever of the two click handles first) and below the command line.
+    Options this command does not take (a grid's seed) are passed over."""
+
+    def use_preset(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+        if name is None:
+            return None
+        known = {p.name for p in ctx.command.params}
+        preset = {k: v for k, v in presets[name].items() if k in known}
+        ctx.default_map = {**preset, **(ctx.default_map or {})}  # a --config file's values stay on top
+        return name
+
+    return click.option(
+        "--recipe", "recipe", default=None, type=click.Choice(list(presets)), is_eager=True, callback=use_preset,
+        cls=GroupedOption, group="Run", help=help,
+    )
+
+
 def _default_text(param: click.Parameter, ctx: click.Context) -> str:
     if param.required:
         return "required"

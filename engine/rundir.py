@@ -17,6 +17,7 @@ from model.weights import file_sha256
 
 # The files of a run directory that hold weights.
 INITIAL, LAST, BEST, MODEL_FILE = "initial.weights.h5", "last.weights.h5", "best.weights.h5", "model.keras"
+PREDICTIONS_FILE = "test_predictions.csv"  # per test image: label, final and best prediction
 
 
 class OutputDirError(UserInputError, OSError):

@@ -26,20 +26,23 @@ class Phase:
     warmup_epochs: float = 0.0
     backbone_blocks: int | None = None  # top residual blocks that train; None: all, 0: frozen
     train_batchnorm: bool = True  # the backbone's BatchNormalization in those blocks trains too
+    weight_decay: float = 0.0  # Adam's decoupled weight decay, on kernels
+    label_smoothing: float = 0.0
 
 
 def plan_phases(cfg) -> list[Phase]:
     """The phases a `TrainConfig` asks for."""
     phases = []
     if cfg.head_epochs:
-        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0))
+        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0,
+                            weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing))
     blocks = 0 if cfg.freeze == "backbone" else cfg.unfreeze_blocks
     # The hybrid keeps the backbone's BatchNormalization on the statistics its weights
     # came with; the plain classifier trains it, as the original study did.
     train_batchnorm = cfg.bn_train if cfg.bn_train is not None else cfg.model == "resnet50"
     phases.append(Phase(
         "finetune" if phases else "train", cfg.epochs, cfg.learning_rate, cfg.lr_schedule,
-        cfg.warmup_epochs, blocks, train_batchnorm,
+        cfg.warmup_epochs, blocks, train_batchnorm, cfg.weight_decay, cfg.label_smoothing,
     ))
     return phases
 
@@ -78,6 +81,15 @@ def phase_learning_rate(phase: Phase, steps_per_epoch: int, start_step: int):
         return phase.learning_rate
     return WarmupSchedule(phase.learning_rate, warmup_steps, phase.epochs * steps_per_epoch, start_step,
                           phase.schedule)
+
+
+def phase_optimizer(phase: Phase, learning_rate, variables: list) -> keras.optimizers.Adam:
+    """The phase's Adam; with `phase.weight_decay`, decoupled weight decay (AdamW) on the kernels
+    of `variables` only: decaying BatchNorm scales, shifts and biases pulls them toward 0 for no gain."""
+    optimizer = keras.optimizers.Adam(learning_rate, weight_decay=phase.weight_decay or None)
+    if phase.weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+    return optimizer
 
 
 def carry_optimizer_state(source: keras.optimizers.Optimizer, target: keras.optimizers.Optimizer) -> int:

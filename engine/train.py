@@ -39,6 +39,7 @@ from engine.callbacks import (
     save_weights,
 )
 from engine.config import Preflight, TrainConfig, preflight
+from engine.losses import training_loss
 from engine.metrics import classification_report, format_table, result_rows, results_row
 from engine.resume import reconcile_run_dir
 from engine.rundir import (
@@ -46,14 +47,16 @@ from engine.rundir import (
     INITIAL,
     LAST,
     MODEL_FILE,
+    PREDICTIONS_FILE,
     atomic_write,
     checkpoint_state,
     file_sha256,
     new_run_id,
     read_history,
+    write_csv,
     write_json,
 )
-from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, plan_phases
+from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, phase_optimizer, plan_phases
 from engine.stability import StabilityMonitor
 from model import build_model, load_initial_weights
 from model.structure import set_backbone_trainable
@@ -169,8 +172,8 @@ def _compile_phase(model: keras.Model, phase: Phase, previous: keras.optimizers.
     blocks = set_backbone_trainable(model, phase.backbone_blocks, phase.train_batchnorm)
     # Step counts at a phase's start: epochs so far times batches per epoch, as the run made them.
     start_step = int(keras.ops.convert_to_numpy(previous.iterations)) if previous else epoch * steps_per_epoch
-    optimizer = keras.optimizers.Adam(phase_learning_rate(phase, steps_per_epoch, start_step))
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    optimizer = phase_optimizer(phase, phase_learning_rate(phase, steps_per_epoch, start_step), model.trainable_variables)
+    model.compile(optimizer=optimizer, loss=training_loss(phase.label_smoothing),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     optimizer.build(model.trainable_variables)
     return optimizer, blocks
@@ -214,19 +217,35 @@ def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cach
     return np.asarray(logits, dtype=np.float32), batches.labels
 
 
-def _evaluate(model: keras.Model, data: RunData, cfg: TrainConfig) -> dict:
+def _evaluate(model: keras.Model, data: RunData, cfg: TrainConfig) -> tuple[dict, np.ndarray | None]:
     """The classification report of the validation and test splits (and of the test images
-    with no twin in the training pool, when the run looked for twins)."""
+    with no twin in the training pool, when the run looked for twins), and the predicted class
+    of each test image (None without a test split)."""
     classes, cache = data.splits.classes, data.cache
     reports = {
         "val": classification_report(*_predict(model, data.val, cfg, cache), classes) if data.val else None,
-        "test": classification_report(*_predict(model, data.test, cfg, cache), classes) if data.test else None,
+        "test": None,
     }
+    if not data.test:
+        return reports, None
+    logits, labels = _predict(model, data.test, cfg, cache)
+    reports["test"] = classification_report(logits, labels, classes)
     leaked = set(data.splits.leaked_test)
-    clean = [e for e in data.test if e.path not in leaked]
-    if cfg.finds_twins and clean:
-        reports["test_leakage_free"] = classification_report(*_predict(model, clean, cfg, cache), classes)
-    return reports
+    clean = np.array([e.path not in leaked for e in data.test])
+    if cfg.finds_twins and clean.any():
+        reports["test_leakage_free"] = classification_report(logits[clean], labels[clean], classes)
+    return reports, np.argmax(logits, axis=-1)
+
+
+def write_test_predictions(path: Path, data: RunData, final: np.ndarray, best: np.ndarray) -> None:
+    """test_predictions.csv: each test image's label and the class predicted with the final and
+    with the best epoch's weights, so two runs on the same test images can be compared image by
+    image (a paired test between backends: engine.stats.mcnemar)."""
+    leaked = set(data.splits.leaked_test)
+    write_csv(path, [
+        {"path": e.path, "label": e.label, "final": int(f), "best": int(b), "twin_in_training": int(e.path in leaked)}
+        for e, f, b in zip(data.test, final, best, strict=True)
+    ])
 
 
 @dataclasses.dataclass
@@ -338,9 +357,12 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     checkpoints = trained[0]
     with _os_errors_stop_the_run(checkpoints, run_dir):
         save_model_file(model, run_dir / MODEL_FILE)
-    final = _evaluate(model, data, cfg)
+    final, final_predicted = _evaluate(model, data, cfg)
     load_model_weights(model, run_dir / BEST)
-    best = _evaluate(model, data, cfg)
+    best, best_predicted = _evaluate(model, data, cfg)
+    if final_predicted is not None:
+        with _os_errors_stop_the_run(checkpoints, run_dir):
+            write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
     history = read_history(run_dir)  # every epoch, also those before a resume
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
     # Which run the files belong to: evaluate, report and --resume check them (check_run_files).

@@ -28,7 +28,9 @@ def test_every_train_option_defaults_to_the_config_default():
     params = cli_defaults(train)
     config = TrainConfig(data_dir="d")
     fields = [f.name for f in cli_fields(TrainConfig)]
-    assert set(fields) == {f.name for f in dataclasses.fields(TrainConfig)} - {"runs_root"}
+    # runs_root is not an option; recipe is one, made by preset_option (it sets other defaults).
+    assert set(fields) == {f.name for f in dataclasses.fields(TrainConfig)} - {"runs_root", "recipe"}
+    assert params["recipe"] is None and config.recipe is None
     for name in fields:
         assert params[name] == getattr(config, name), name
     # The augmentation ranges are declared once, in data.augment.

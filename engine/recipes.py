@@ -1,0 +1,48 @@
+"""Named presets of training options (`--recipe NAME`): the original study's two recipes and
+a from-scratch CPU recipe. A recipe only supplies defaults: options given on the command line,
+or by a `--config` file, still win, and the resolved options land in config.json.
+
+Keras-free, like `engine.options`: recipes are checked before a backend loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A preset: what it reproduces, and the options it sets (TrainConfig field -> value)."""
+
+    summary: str
+    options: dict[str, Any]
+
+
+RECIPES: dict[str, Recipe] = {
+    # The study's PyTorch script: torchvision's transforms and its pretrained ResNet50.
+    "seed-pytorch": Recipe(
+        "the study's PyTorch recipe: RandomResizedCrop + flip + rotation, x/255 then ImageNet mean/std, "
+        "torchvision's ResNet50 v1.5 and ImageNet weights, BatchNorm momentum 0.9, Adam 1e-4, 10 epochs, 224 px",
+        {
+            "augment": "standard", "preprocess": "imagenet", "arch": "torchvision-v1.5", "weights": "torchvision",
+            "bn_momentum": 0.9, "learning_rate": 1e-4, "epochs": 10, "image_size": 224,
+        },
+    ),
+    # The study's Keras script: ImageDataGenerator(rescale=1/255, preprocessing_function=preprocess_input,
+    # rotation/shift/zoom, horizontal_flip) and keras.applications.ResNet50 with Keras' defaults.
+    "seed-keras": Recipe(
+        "the study's Keras recipe: ImageDataGenerator's rotation/shift/zoom/flip with edge fill, caffe "
+        "preprocessing then x/255 (its order), Keras' ResNet50 v1 and ImageNet weights, BatchNorm momentum "
+        "0.99, Adam 1e-4, 10 epochs, 224 px",
+        {
+            "augment": "keras-generator", "preprocess": "caffe-rescaled", "arch": "keras-v1", "weights": "imagenet",
+            "bn_momentum": 0.99, "learning_rate": 1e-4, "epochs": 10, "image_size": 224,
+        },
+    ),
+}
+
+
+def recipe_options(name: str) -> dict[str, Any]:
+    """The options recipe `name` sets (a copy)."""
+    return dict(RECIPES[name].options)
