@@ -20,13 +20,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from data.markdown import markdown_table
+from engine import stats
 from engine.backend import backend_subprocess_env
 from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
-from engine.rundir import atomic_write, checkpoint_state, read_history, write_json
+from engine.rundir import (
+    PREDICTIONS_FILE,
+    atomic_write,
+    checkpoint_state,
+    read_csv_rows,
+    read_history,
+    write_json,
+)
+from model.weights import resolve_arch
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights")
@@ -40,16 +50,17 @@ class Run:
     """One training run of the grid."""
 
     backend: str
-    levels: tuple[tuple[str, str], ...]  # ((factor, level), ...) in FACTORS order
+    levels: tuple[tuple[str, Any], ...]  # ((option, value), ...): a grid's factor levels, a reproduce step's changes
     seed: int
+    label: str = ""  # a name for the cell (a reproduce step); default: its levels
 
     @property
     def cell(self) -> str:
-        return ",".join(f"{f}={v}" for f, v in self.levels)
+        return self.label or ",".join(f"{f}={v}" for f, v in self.levels)
 
     @property
     def dirname(self) -> str:
-        cell = "".join(v.replace("/", "_") + "-" for _, v in self.levels)
+        cell = f"{self.label}-" if self.label else "".join(str(v).replace("/", "_") + "-" for _, v in self.levels)
         return f"{cell}seed{self.seed}/{self.backend}"
 
 
@@ -136,6 +147,50 @@ def _format_mean_std(mean: float | None, std: float | None, digits: int | str) -
         return "-"
     spec = ".1e" if digits == "e" else f".{digits}f"
     return f"{mean:{spec}}" + (f" ± {std:{spec}}" if std is not None else "")
+
+
+def run_test_accuracy(result: dict) -> float:
+    return result["row"]["Test Accuracy"]
+
+
+def correct_answers(result: dict) -> np.ndarray | None:
+    """Per test image: did the final weights get it right (None when the run did not write it)."""
+    rows = read_csv_rows(Path(result["run_dir"]) / PREDICTIONS_FILE) if result.get("run_dir") else []
+    return np.array([r["label"] == r["final"] for r in rows]) if rows else None
+
+
+def paired_comparison(a: list[dict], b: list[dict], target: str = "Test Accuracy") -> dict:
+    """`a` minus `b` in `target`, paired by seed (same seed: same starting file and batches).
+    Two or more shared seeds: a t interval over seeds. One seed, on test accuracy: a paired
+    bootstrap interval over the test images and McNemar's exact test, from each run's
+    test_predictions.csv."""
+    by_seed_a, by_seed_b = {r["seed"]: r for r in a}, {r["seed"]: r for r in b}
+    seeds = sorted(set(by_seed_a) & set(by_seed_b))
+    if not seeds:
+        return {"seeds": [], "interval": None}
+    values_a, values_b = [by_seed_a[s]["row"][target] for s in seeds], [by_seed_b[s]["row"][target] for s in seeds]
+    over_seeds = {"seeds": seeds, "interval": stats.paired_difference(values_a, values_b), "basis": "seeds"}
+    if len(seeds) > 1 or target != "Test Accuracy":
+        return over_seeds
+    correct_a, correct_b = correct_answers(by_seed_a[seeds[0]]), correct_answers(by_seed_b[seeds[0]])
+    if correct_a is None or correct_b is None or len(correct_a) != len(correct_b):
+        return over_seeds  # runs from before test_predictions.csv: no per-image test
+    return {"seeds": seeds, "interval": stats.paired_bootstrap(correct_a, correct_b), "basis": "test images",
+            "mcnemar": stats.mcnemar(correct_a, correct_b)}
+
+
+def comparison_cell(comparison: dict | None) -> str:
+    """A table cell: the difference in points with its 95% interval (and McNemar's p with one seed)."""
+    if not comparison or comparison.get("interval") is None:
+        return "-"
+    text = stats.cell(comparison["interval"])
+    if "mcnemar" in comparison:
+        text += f" (McNemar p={comparison['mcnemar']['p_value']:.3g})"
+    return text
+
+
+def comparison_noise(comparison: dict) -> str:
+    return "test-set sampling noise" if comparison.get("basis") == "test images" else "seed-to-seed noise"
 
 
 def epoch_divergence(results: list[dict]) -> list[dict]:
@@ -265,6 +320,7 @@ def summarise(results: list[dict], backends: tuple[str, ...], factors: dict[str,
         about = f"seeds {', '.join(map(str, seeds))}; mean ± std over seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
         md += [f"## {cell or 'Results'} ({about})", "", table, ""]
         summary["cells"][cell] = data
+    md += backend_effects(results, backends, target, summary)
     effects = main_effects(results, factors, target)
     spread = seed_spread(results, target)
     divergence = epoch_divergence(results)
@@ -275,45 +331,87 @@ def summarise(results: list[dict], backends: tuple[str, ...], factors: dict[str,
     return "\n".join(md), summary
 
 
-def build_initial_weights(backend: str, options: dict, model: str, weights: str, seed: int, num_classes: int,
-                          path: Path, log: Callable[[str], None]) -> None:
+def backend_effects(results: list[dict], backends: tuple[str, ...], target: str, summary: dict) -> list[str]:
+    """compare.md's section on the backend effect: per cell, each backend minus the first, paired
+    by seed, with its interval and a sentence on whether it exceeds the noise (also into `summary`)."""
+    if len(backends) < 2:
+        return []
+    rows, sentences, found = [], [], {}
+    for cell in dict.fromkeys(r["cell"] for r in results):
+        first = [r for r in results if r["cell"] == cell and r["backend"] == backends[0]]
+        for backend in backends[1:]:
+            other = [r for r in results if r["cell"] == cell and r["backend"] == backend]
+            comparison = paired_comparison(other, first, target)
+            if comparison["interval"] is None:
+                continue
+            found[f"{cell or 'baseline'}: {backend} - {backends[0]}"] = comparison
+            rows.append([cell or "baseline", f"{backend} - {backends[0]}", comparison_cell(comparison),
+                         str(len(comparison["seeds"]))])
+            sentences.append(f"- {cell or 'baseline'}: " + stats.verdict(
+                comparison["interval"], backend, backends[0], noise=comparison_noise(comparison)))
+    summary["backend_effects"] = {k: {**v, "interval": dataclasses.asdict(v["interval"])} for k, v in found.items()}
+    if not rows:
+        return []
+    return [f"## Backend effect on {target} (paired by seed; points, 95% interval)", "",
+            markdown_table(["cell", "difference", "points [95% interval]", "seeds"], rows, "llrr"), "",
+            *sentences, ""]
+
+
+def build_initial_weights(backend: str, options: dict, start: Start, num_classes: int, path: Path,
+                          log: Callable[[str], None]) -> None:
     """Builds the starting weights once, in a subprocess of `backend`."""
     command = [
         sys.executable, str(ROOT / "cli.py"), "init-weights", str(path),
         "--num-classes", str(num_classes), "--image-size", str(options["image_size"]),
-        "--weights", weights, "--seed", str(seed), "--model", model,
+        "--weights", start.weights, "--seed", str(start.seed), "--model", start.model, "--arch", start.arch,
         "--cut", options["cut"], "--head-blocks", str(options["head_blocks"]),
         "--head-filters", str(options["head_filters"]), "--se" if options["se"] else "--no-se",
     ]
-    log(f"building initial weights ({model}, {weights}, seed {seed}) on {backend} -> {path}")
+    log(f"building initial weights ({start.model}, {start.arch}, {start.weights}, seed {start.seed}) on {backend} -> {path}")
     result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
     if result.returncode != 0:
         raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
 
 
-def starting_points(options: dict, backend: str, factors: dict[str, list[str]], seeds: list[int], out_dir: Path,
-                    num_classes: int, log: Callable[[str], None]) -> dict[tuple[str, str, int], Path]:
-    """One starting weights file per (model, weights, seed), built once on `backend` (or the
-    user's --init-weights file for every run)."""
-    models = factors.get("model", [options["model"]])
-    if options.get("init_weights") and len(models) > 1:
-        raise CompareError("--init-weights fits one model; give one --model level with it")
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What decides a run's starting weights file: the model, its architecture, the backbone's
+    weights and the seed. Runs with the same Start begin from one file."""
+
+    model: str
+    arch: str
+    weights: str
+    seed: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.model}-{self.arch}-{self.weights.replace('/', '_')}-seed{self.seed}.weights.h5"
+
+
+def start_of(options: dict, run: Run) -> Start:
+    """The Start of one run: its levels where they set the model, arch or weights, else the options."""
+    chosen = dict(options, **dict(run.levels))
+    return Start(chosen["model"], resolve_arch(chosen.get("arch"), chosen["weights"]), chosen["weights"], run.seed)
+
+
+def starting_points(options: dict, backend: str, runs: list[Run], out_dir: Path, num_classes: int,
+                    log: Callable[[str], None]) -> dict[Start, Path]:
+    """One starting weights file per Start of `runs`, built once on `backend` (or the user's
+    --init-weights file for every run)."""
+    starts = list(dict.fromkeys(start_of(options, run) for run in runs))
+    if options.get("init_weights") and len({(s.model, s.arch) for s in starts}) > 1:
+        raise CompareError("--init-weights fits one model and architecture; give one level of each with it")
     files = {}
-    for model, weights, seed in itertools.product(models, factors.get("weights", [options["weights"]]), seeds):
+    for start in starts:
         if options.get("init_weights"):
-            files[(model, weights, seed)] = Path(options["init_weights"])
+            files[start] = Path(options["init_weights"])
             continue
-        path = out_dir / "initial" / f"{model}-{weights.replace('/', '_')}-seed{seed}.weights.h5"
+        path = out_dir / "initial" / start.filename
         path.parent.mkdir(exist_ok=True)
         if not path.exists():
-            build_initial_weights(backend, options, model, weights, seed, num_classes, path, log)
-        files[(model, weights, seed)] = path
+            build_initial_weights(backend, options, start, num_classes, path, log)
+        files[start] = path
     return files
-
-
-def _start_of(options: dict, run: Run) -> tuple[str, str, int]:
-    levels = dict(run.levels)
-    return levels.get("model", options["model"]), levels.get("weights", options["weights"]), run.seed
 
 
 def train_run(options: dict, run: Run, init_weights: Path, out_dir: Path, header: str,
@@ -361,6 +459,31 @@ def unshared_starts(results: list[dict]) -> list[dict]:
             for (cell, seed), shas in groups.items() if len(shas) > 1]
 
 
+def run_grid(options: dict, backends: tuple[str, ...], runs: list[Run], out_dir: Path, num_classes: int,
+             log: Callable[[str], None] = print) -> tuple[list[dict], list[dict], dict[Start, Path]]:
+    """Trains `runs` (reusing finished ones in `out_dir`), each from its Start's weights file;
+    returns the results, the failures (a failed run, or a cell whose backends did not start from
+    one file) and the starting files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init_files = starting_points(options, backends[0], runs, out_dir, num_classes, log)
+    results, failures = [], []
+    for i, run in enumerate(runs, 1):
+        header = f"[{i}/{len(runs)}] {run.backend}  {run.cell or 'baseline'}  seed {run.seed}"
+        code = train_run(options, run, init_files[start_of(options, run)], out_dir, header, log)
+        if code:
+            failures.append({"run": run.dirname, "reason": f"exit {code}"})
+        else:
+            results.append(_result(run, out_dir / "runs" / run.dirname))
+    if not results:
+        raise CompareError(f"every run failed: {failures}")
+    return results, failures + unshared_starts(results), init_files
+
+
+def invoked_command(default: str) -> str:
+    """The command line that started this process, to print beside its results."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else default
+
+
 def run_compare(
     options: dict,
     backends: tuple[str, ...],
@@ -371,21 +494,9 @@ def run_compare(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Runs the grid (reusing finished runs in `out_dir`), writes compare.md/json and curves.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "compare"
-    init_files = starting_points(options, backends[0], factors, seeds, out_dir, num_classes, log)
-    runs = plan_runs(backends, factors, seeds)
-    results, failures = [], []
-    for i, run in enumerate(runs, 1):
-        header = f"[{i}/{len(runs)}] {run.backend}  {run.cell or 'baseline'}  seed {run.seed}"
-        code = train_run(options, run, init_files[_start_of(options, run)], out_dir, header, log)
-        if code:
-            failures.append({"run": run.dirname, "reason": f"exit {code}"})
-        else:
-            results.append(_result(run, out_dir / "runs" / run.dirname))
-    if not results:
-        raise CompareError(f"every run failed: {failures}")
-    failures += unshared_starts(results)
+    command = invoked_command("compare")
+    results, failures, init_files = run_grid(options, backends, plan_runs(backends, factors, seeds), out_dir,
+                                             num_classes, log)
     text, summary = summarise(results, backends, factors, command)
     if failures:
         text += "\n## Failed runs\n\n" + "\n".join(f"- {f['run']}: {f['reason']}" for f in failures) + "\n"
@@ -394,7 +505,7 @@ def run_compare(
         tmp.write_text(text)
     report = {
         "command": command, "options": options, "backends": list(backends), "factors": factors, "seeds": seeds,
-        "initial_weights": {f"{m},{w},seed{s}": str(p) for (m, w, s), p in init_files.items()},
+        "initial_weights": {start.filename: str(p) for start, p in init_files.items()},
         "runs": results, "failures": failures, "summary": summary,
     }
     write_json(out_dir / "compare.json", report)

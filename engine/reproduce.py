@@ -1,0 +1,222 @@
+"""`reproduce`: the study's Keras-vs-PyTorch gap, one factor at a time.
+
+It trains the seed-keras recipe, then changes one factor at a time toward seed-pytorch
+(preprocessing, augmentation, BatchNorm momentum, architecture with its checkpoint), each
+step keeping the changes before it, on every backend asked for and over several seeds. The
+last step is the seed-pytorch recipe. Each step's effect is the paired difference from the
+step before (same seed: same batch order; same starting file when the architecture did not
+change), and the framework effect is the paired difference between backends at one step:
+both with their 95% interval over seeds, on one scale, so a reader sees which change
+explains the gap and whether the framework does at all.
+
+The runs are `compare`'s (`engine.compare.run_grid`): each in its own process, reused when
+finished, resumed when interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.markdown import markdown_table
+from engine import stats
+from engine.compare import (
+    Run,
+    comparison_cell,
+    comparison_noise,
+    invoked_command,
+    paired_comparison,
+    plot_curves,
+    run_grid,
+    run_test_accuracy,
+)
+from engine.recipes import recipe_options
+from engine.rundir import atomic_write, write_json
+
+BASELINE, TARGET = "seed-keras", "seed-pytorch"
+# The factors the two recipes differ in, in the order they change; every option in which the
+# recipes differ belongs to one (tests/test_reproduce.py checks it).
+FACTOR_STEPS: list[tuple[str, tuple[str, ...]]] = [
+    ("preprocess", ("preprocess",)),
+    ("augment", ("augment",)),
+    ("bn-momentum", ("bn_momentum",)),
+    ("checkpoint", ("arch", "weights")),  # the architecture and the weights trained for it go together
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One cell of the path: its name, and the options it changes from the baseline so far."""
+
+    name: str
+    changes: tuple[tuple[str, Any], ...]
+
+
+def plan_steps(fixed: dict[str, Any]) -> list[Step]:
+    """The baseline and one step per factor (cumulative). Options in `fixed` (given by the user,
+    e.g. --weights none or --image-size 64) hold on every step; a factor left with nothing to
+    change is dropped (e.g. bn-momentum when the user fixes it)."""
+    target = recipe_options(TARGET)
+    steps, changes = [Step(BASELINE, ())], {}
+    for name, keys in FACTOR_STEPS:
+        moved = {k: target[k] for k in keys if k not in fixed}
+        if not moved:
+            continue
+        changes.update(moved)
+        steps.append(Step(name, tuple(changes.items())))
+    return steps
+
+
+def step_options(options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
+    """The options every step shares: the defaults, then the baseline recipe, then `fixed`."""
+    return {**options, **recipe_options(BASELINE), **fixed, "recipe": BASELINE}
+
+
+def plan_runs(steps: list[Step], backends: tuple[str, ...], seeds: list[int]) -> list[Run]:
+    """Every (step, seed, backend), backends innermost."""
+    return [Run(backend, step.changes, seed, label=step.name) for step in steps for seed in seeds
+            for backend in backends]
+
+
+def decompose(results: list[dict], steps: list[Step], backends: tuple[str, ...]) -> dict:
+    """Per step and backend: the mean test accuracy with its interval over seeds, the step's
+    effect (paired difference from the previous step) and the framework effect (each backend
+    minus the first, paired)."""
+    cells = {(s.name, b): [r for r in results if r["cell"] == s.name and r["backend"] == b]
+             for s in steps for b in backends}
+    table = []
+    for i, step in enumerate(steps):
+        for backend in backends:
+            runs = cells[(step.name, backend)]
+            if not runs:
+                continue
+            row = {"step": step.name, "backend": backend, "accuracy": stats.mean_interval([run_test_accuracy(r) for r in runs])}
+            if i:
+                row["step_effect"] = paired_comparison(runs, cells[(steps[i - 1].name, backend)])
+            if backend != backends[0]:
+                row["framework_effect"] = paired_comparison(runs, cells[(step.name, backends[0])])
+            table.append(row)
+    return {"rows": table}
+
+
+def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, ...], seeds: list[int],
+                  command: str, failures: list[dict]) -> str:
+    """reproduce.md: the path, the table, a sentence per effect, the chart."""
+    md = ["# The Keras-vs-PyTorch gap, one factor at a time", "", f"Command: `{command}`", "",
+          f"Backends {', '.join(backends)}; seeds {', '.join(map(str, seeds))}. Test accuracy in percent, "
+          "mean [95% interval]: over seeds (Student t; paired by seed for the effects), or with one seed over "
+          "the test images (paired bootstrap, with McNemar's exact test).", "", "Steps (each keeps the ones above):", ""]
+    md += [f"- **{s.name}**: " + (", ".join(f"{k}={v}" for k, v in s.changes) if s.changes else f"the {BASELINE} recipe")
+           for s in steps]
+    rows = [[r["step"], r["backend"], stats.cell(r["accuracy"]), comparison_cell(r.get("step_effect")),
+             comparison_cell(r.get("framework_effect"))] for r in decomposition["rows"]]
+    md += ["", markdown_table(["step", "backend", "test accuracy", "step effect (vs the step above)",
+                               f"framework effect (vs {backends[0]})"], rows, "llrrr"), "", "## What the differences mean", ""]
+    for r in decomposition["rows"]:
+        for key, what, other in (("step_effect", "step", None), ("framework_effect", "framework", backends[0])):
+            comparison = r.get(key)
+            if comparison and comparison.get("interval") is not None:
+                first = f"{r['step']} on {r['backend']}" if key == "framework_effect" else r["step"]
+                second = f"{r['step']} on {other}" if other else "the step before"
+                sentence = stats.verdict(comparison["interval"], first, second, noise=comparison_noise(comparison))
+                md.append(f"- {what} effect, {r['step']} ({r['backend']}): {sentence}")
+    md += ["", "![waterfall](waterfall.png)", "", "![curves](curves.png)", ""]
+    if failures:
+        md += ["## Failed runs", "", *[f"- {f['run']}: {f['reason']}" for f in failures], ""]
+    return "\n".join(md)
+
+
+def plot_waterfall(decomposition: dict, steps: list[Step], backends: tuple[str, ...], path: Path) -> None:
+    """Left: each step's change in test accuracy (first backend), stacked from the baseline, with
+    its 95% interval. Right, on the same scale: the framework effect at every step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = decomposition["rows"]
+    first = [r for r in rows if r["backend"] == backends[0]]
+    others = [r for r in rows if r["backend"] != backends[0]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False,
+                                      gridspec_kw={"width_ratios": [max(len(first), 1), max(len(steps), 1)]})
+    level = 100 * first[0]["accuracy"].mean
+    left.bar(0, level, color="0.6")
+    changes = []
+    for i, r in enumerate(first[1:], 1):
+        interval = r["step_effect"]["interval"]
+        delta = 100 * interval.mean
+        changes.append(delta)
+        left.bar(i, delta, bottom=level, color="C2" if delta >= 0 else "C3")
+        if interval.has_interval:
+            left.errorbar(i, level + delta, yerr=[[100 * (interval.mean - interval.low)],
+                                                  [100 * (interval.high - interval.mean)]], color="k", capsize=4)
+        level += delta
+    left.set_xticks(range(len(first)), [r["step"] for r in first], rotation=20)
+    left.set_ylabel("test accuracy (%)")
+    left.set_title(f"{BASELINE} to {TARGET}, one factor at a time ({backends[0]})")
+    spread = max([abs(c) for c in changes] + [1.0])
+    left.set_ylim(max(0, 100 * first[0]["accuracy"].mean - 3 * spread), min(100, level + 3 * spread))
+    for j, backend in enumerate(backends[1:]):
+        mine = [r for r in others if r["backend"] == backend]
+        x = np.arange(len(mine)) + 0.8 * j / max(len(backends) - 1, 1)
+        for xi, r in zip(x, mine, strict=True):
+            interval = r["framework_effect"]["interval"]
+            right.bar(xi, 100 * interval.mean, width=0.8 / max(len(backends) - 1, 1), color=f"C{j}",
+                      label=backend if xi == x[0] else None)
+            if interval.has_interval:
+                right.errorbar(xi, 100 * interval.mean, yerr=[[100 * (interval.mean - interval.low)],
+                                                              [100 * (interval.high - interval.mean)]],
+                               color="k", capsize=4)
+    right.axhline(0, color="k", linewidth=0.8)
+    right.set_xticks(range(len(steps)), [s.name for s in steps], rotation=20)
+    right.set_title(f"framework effect (minus {backends[0]}), same scale")
+    half = (left.get_ylim()[1] - left.get_ylim()[0]) / 2
+    right.set_ylim(-half, half)
+    right.set_ylabel("difference (points)")
+    if others:
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _json_ready(decomposition: dict) -> dict:
+    """Intervals as plain dicts, for reproduce.json."""
+    def plain(value):
+        if isinstance(value, stats.Interval):
+            return dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(decomposition)
+
+
+def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: list[int], out_dir: Path,
+                  num_classes: int, log: Callable[[str], None] = print) -> dict:
+    """Trains every step on every backend and seed (reusing finished runs in `out_dir`), writes
+    reproduce.md, reproduce.json, waterfall.png and curves.png; returns the report."""
+    command = invoked_command("reproduce")
+    steps = plan_steps(fixed)
+    shared = step_options(options, fixed)
+    results, failures, _ = run_grid(shared, backends, plan_runs(steps, backends, seeds), out_dir, num_classes, log)
+    decomposition = decompose(results, steps, backends)
+    text = format_report(decomposition, steps, backends, seeds, command, failures)
+    plot_waterfall(decomposition, steps, backends, out_dir / "waterfall.png")
+    plot_curves(results, out_dir / "curves.png")
+    with atomic_write(out_dir / "reproduce.md") as tmp:
+        tmp.write_text(text)
+    report = {
+        "command": command, "options": shared, "fixed": fixed, "backends": list(backends), "seeds": seeds,
+        "steps": [{"name": s.name, "changes": dict(s.changes)} for s in steps],
+        "runs": results, "failures": failures, "decomposition": _json_ready(decomposition),
+    }
+    write_json(out_dir / "reproduce.json", report)
+    return report | {"markdown": text}

@@ -1,0 +1,118 @@
+"""`reproduce`: the path from seed-keras to seed-pytorch, its statistics, and a small real run."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.compare import backend_effects, paired_comparison
+from engine.recipes import recipe_options
+from engine.reproduce import BASELINE, FACTOR_STEPS, TARGET, decompose, plan_runs, plan_steps, step_options
+from engine.rundir import PREDICTIONS_FILE, write_csv
+from tests.conftest import ROOT, active_backend, cli_env
+
+
+def test_the_steps_change_every_option_in_which_the_two_recipes_differ_and_end_at_the_target():
+    baseline, target = recipe_options(BASELINE), recipe_options(TARGET)
+    differing = {k for k in baseline.keys() | target.keys() if baseline.get(k) != target.get(k)}
+    covered = {k for _, keys in FACTOR_STEPS for k in keys}
+    assert differing <= covered, f"options the recipes differ in but no step changes: {differing - covered}"
+    steps = plan_steps({})
+    assert [s.name for s in steps] == [BASELINE, *(name for name, _ in FACTOR_STEPS)]
+    assert steps[0].changes == ()
+    last = {**baseline, **dict(steps[-1].changes)}
+    assert {k: last[k] for k in differing} == {k: target[k] for k in differing}
+    # Each step keeps the changes of the ones before it and adds its own.
+    for before, after in itertools.pairwise(steps):
+        assert set(before.changes) < set(after.changes)
+
+
+def test_options_the_user_gives_hold_on_every_step():
+    fixed = {"weights": "none", "bn_momentum": 0.9, "image_size": 64}
+    steps = plan_steps(fixed)
+    assert "bn-momentum" not in [s.name for s in steps]  # nothing left to change
+    assert all(dict(s.changes).get("weights", "none") == "none" for s in steps)
+    assert dict(steps[-1].changes)["arch"] == recipe_options(TARGET)["arch"]
+    shared = step_options({"epochs": 10, "weights": "imagenet", "image_size": 224}, fixed)
+    assert shared["weights"] == "none" and shared["image_size"] == 64 and shared["recipe"] == BASELINE
+    runs = plan_runs(steps, ("torch", "jax"), [0, 1])
+    assert len(runs) == len(steps) * 4 and runs[0].dirname == f"{BASELINE}-seed0/torch"
+    assert len({r.dirname for r in runs}) == len(runs)
+
+
+def _result(tmp_path, step: str, backend: str, seed: int, correct: np.ndarray) -> dict:
+    run_dir = tmp_path / f"{step}-{seed}-{backend}"
+    run_dir.mkdir()
+    write_csv(run_dir / PREDICTIONS_FILE, [{"path": f"{i}.jpg", "label": 1, "final": 1 if ok else 0, "best": 1,
+                                            "twin_in_training": 0} for i, ok in enumerate(correct)])
+    return {"cell": step, "backend": backend, "seed": seed, "run_dir": str(run_dir),
+            "row": {"Test Accuracy": float(np.mean(correct))}}
+
+
+def test_two_seeds_give_paired_intervals_and_one_seed_a_test_on_the_images(tmp_path):
+    rng = np.random.default_rng(0)
+    steps = plan_steps({"weights": "none"})[:2]
+    results = []
+    for seed in (0, 1, 2):
+        base = rng.random(400) < 0.80 + 0.02 * seed  # seed noise shared by every cell of that seed
+        better = base | (rng.random(400) < 0.5)       # the second step fixes half of the errors
+        for backend in ("torch", "jax"):
+            results += [_result(tmp_path, steps[0].name, backend, seed, base),
+                        _result(tmp_path, steps[1].name, backend, seed, better)]
+    rows = decompose(results, steps, ("torch", "jax"))["rows"]
+    step_row = next(r for r in rows if r["step"] == steps[1].name and r["backend"] == "torch")
+    effect = step_row["step_effect"]["interval"]
+    assert step_row["step_effect"]["basis"] == "seeds" and effect.n == 3
+    assert effect.excludes_zero and effect.mean > 0.05
+    framework = next(r for r in rows if r["backend"] == "jax" and r["step"] == steps[1].name)["framework_effect"]
+    assert framework["interval"].mean == 0.0  # identical predictions on both backends
+    # One seed: McNemar and a bootstrap over the 400 test images.
+    single = paired_comparison([r for r in results if r["seed"] == 0 and r["cell"] == steps[1].name][:1],
+                               [r for r in results if r["seed"] == 0 and r["cell"] == steps[0].name][:1])
+    assert single["basis"] == "test images" and single["mcnemar"]["p_value"] < 1e-6
+    assert single["mcnemar"]["b10"] > 0 and single["mcnemar"]["b01"] == 0
+
+
+def test_compare_reports_the_backend_effect_with_a_verdict(tmp_path):
+    rng = np.random.default_rng(1)
+    results = []
+    for seed in (0, 1, 2):
+        base = rng.random(300) < 0.85
+        results += [_result(tmp_path, "", "torch", seed, base), _result(tmp_path, "", "jax", seed, base)]
+    summary = {}
+    lines = backend_effects(results, ("torch", "jax"), "Test Accuracy", summary)
+    text = "\n".join(lines)
+    assert "jax - torch" in text and "0.0 [0.0, 0.0]" in text
+    assert summary["backend_effects"]["baseline: jax - torch"]["interval"]["n"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "torch", reason="one subprocess per step; runs once, in the torch pass")
+def test_reproduce_runs_every_step_offline_and_writes_its_report(demo_dir, tmp_path):
+    """The command end to end on the demo data: one backend, one seed, 32 px, one epoch."""
+    backend = active_backend()
+    out = tmp_path / "rep"
+    command = [sys.executable, str(ROOT / "cli.py"), "reproduce", "--data-dir", str(demo_dir), "--image-size", "32",
+               "--epochs", "1", "--weights", "none", "--batch-size", "8", "--seeds", "0", "--backends", backend,
+               "--verbose", "0", "--out", str(out)]
+    result = subprocess.run(command, env=cli_env(backend), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "reproduce.json").read_text())
+    names = [s["name"] for s in report["steps"]]
+    assert names == [s.name for s in plan_steps({"weights": "none", "image_size": 32, "epochs": 1})]
+    assert len(report["runs"]) == len(names) and not report["failures"]
+    for run in report["runs"]:
+        config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
+        step = next(s for s in report["steps"] if s["name"] == run["cell"])
+        for key, value in {**recipe_options(BASELINE), "weights": "none", "image_size": 32, "epochs": 1, "batch_size": 8,
+                           **step["changes"]}.items():
+            assert config["options"][key] == value, (run["cell"], key)
+    text = (out / "reproduce.md").read_text()
+    assert "McNemar p=" in text and (out / "waterfall.png").stat().st_size > 10_000
+    # Finished runs are reused: a second call trains nothing.
+    again = subprocess.run(command, env=cli_env(backend), capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.count("done earlier, reusing") == len(names)
