@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -348,11 +349,8 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     --model, --preprocess, --augment and --weights take comma-separated levels: the run becomes
     a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
-    import time
-
     from data.discovery import make_splits
-    from engine.compare import CompareError, run_compare
-    from engine.rundir import prepare_run_dir
+    from engine.compare import run_compare
     from model.weights import check_weights_file, resolve_backbone_weights
 
     factors = {f: options[f] for f in FACTORS}
@@ -365,14 +363,26 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     fixed.update({f: levels[0] for f, levels in factors.items()})
     for model in factors["model"]:  # e.g. --unfreeze-blocks that one model's backbone lacks
         TrainConfig(**dict(fixed, model=model)).check_schedule()
-    out_dir = prepare_run_dir(out or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}", "compare")
     grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
+    _grid_command("compare", out, "compare.md, compare.json, curves.png", lambda out_dir: run_compare(
+        fixed, backends, grid, seeds, out_dir, len(splits.classes), log=click.echo))
+
+
+def _grid_command(kind: str, out: str | None, files: str, run: Callable[[Path], dict]) -> None:
+    """What compare and reproduce share once their options are checked: the output folder, the
+    runs (`run(out_dir)`), the report printed, exit 1 when a run failed."""
+    import time
+
+    from engine.compare import CompareError
+    from engine.rundir import prepare_run_dir
+
+    out_dir = Path(prepare_run_dir(out or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}", kind))
     try:
-        report = run_compare(fixed, backends, grid, seeds, Path(out_dir), len(splits.classes), log=click.echo)
+        report = run(out_dir)
     except CompareError as e:
         raise click.ClickException(str(e)) from None
     click.echo("\n" + report["markdown"])
-    click.echo(f"\nWrote {out_dir}/compare.md, compare.json, curves.png")
+    click.echo(f"\nWrote {out_dir}/{files.replace(', ', f', {out_dir}/')}")
     if report["failures"]:
         raise SystemExit(1)
 
@@ -391,12 +401,9 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     --weights none --image-size 64 --epochs 2 for an offline run). Writes reproduce.md/json,
     waterfall.png: each step's effect and the framework effect, with 95% intervals.
     """
-    import time
 
     from data.discovery import make_splits
-    from engine.compare import CompareError
     from engine.reproduce import run_reproduce
-    from engine.rundir import prepare_run_dir
 
     if options["data_dir"] is None:
         raise click.UsageError("Missing option '--data-dir' (or --config FILE).")
@@ -407,15 +414,8 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     given.pop("recipe", None)
     _check_reproduce_options(options, given)
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
-    out_dir = prepare_run_dir(out or f"runs/reproduce-{time.strftime('%Y%m%d-%H%M%S')}", "reproduce")
-    try:
-        report = run_reproduce(options, given, backends, seeds, Path(out_dir), len(splits.classes), log=click.echo)
-    except CompareError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo("\n" + report["markdown"])
-    click.echo(f"\nWrote {out_dir}/reproduce.md, reproduce.json, waterfall.png, curves.png")
-    if report["failures"]:
-        raise SystemExit(1)
+    _grid_command("reproduce", out, "reproduce.md, reproduce.json, waterfall.png, curves.png", lambda out_dir: run_reproduce(
+        options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo))
 
 
 def _check_reproduce_options(options: dict, fixed: dict) -> None:

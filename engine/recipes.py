@@ -40,6 +40,20 @@ RECIPES: dict[str, Recipe] = {
             "bn_momentum": 0.99, "learning_rate": 1e-4, "epochs": 10, "image_size": 224,
         },
     ),
+    # From random weights at 64 px on a 2-core CPU, in 8 epochs: the best of a measured ablation
+    # (backends.md, "A recipe that trains from scratch on a CPU"). Cropping a 64 px image throws
+    # away detail the model needs, so the standard augmentation keeps the whole image (flip and
+    # rotation only); a warmup epoch and cosine decay to zero end on a settled point rather than a
+    # noisy one; BatchNorm momentum 0.9 lets the moving statistics keep up with fast-changing weights.
+    "cpu-scratch": Recipe(
+        "from random weights at 64 px, 8 epochs: flip + 10 degree rotation (no crop), Adam 1e-3 with a warmup "
+        "epoch and cosine decay, BatchNorm momentum 0.9, batch 32",
+        {
+            "image_size": 64, "epochs": 8, "weights": "none", "batch_size": 32, "learning_rate": 1e-3,
+            "lr_schedule": "cosine", "warmup_epochs": 1.0, "bn_momentum": 0.9, "augment": "standard",
+            "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "rotate_degrees": 10.0, "flip_prob": 0.5,
+        },
+    ),
 }
 
 
