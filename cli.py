@@ -346,7 +346,7 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
 def compare(backends, seeds, out, config_file, **options) -> None:
     """Train one configuration on each backend from one weights file; tables, effects, curves.
 
-    --model, --preprocess, --augment and --weights take comma-separated levels: the run becomes
+    --model, --preprocess, --augment, --weights and --precision take comma-separated levels: the run becomes
     a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
     from data.discovery import make_splits

@@ -39,7 +39,7 @@ from engine.rundir import (
 from model.weights import resolve_arch
 
 ROOT = Path(__file__).resolve().parent.parent
-FACTORS = ("model", "preprocess", "augment", "weights")
+FACTORS = ("model", "preprocess", "augment", "weights", "precision")
 STABILITY_ROWS = ["Grad norm ratio (min/max)", "Lowest grad norm ratio"]
 SUMMARY_ROWS = [*RESULT_ROWS, *STABILITY_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
 _ONE_DECIMAL = ("Peak memory (MiB)", "Seconds per epoch", "Training img/s")

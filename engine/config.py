@@ -17,12 +17,13 @@ from engine.backend import selected_backend
 from engine.options import FloatPair, PositiveFloat, option
 from engine.rundir import claim_run_dir, prepare_run_dir
 from errors import UserInputError
-from model.spec import ARCHS, CUTS, MODELS, ModelSpec
+from model.spec import ARCHS, CUTS, MODELS, PRECISIONS, ModelSpec
 from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
 KEEP_CHECKPOINTS = ("all", "best", "none")
-AUGMENTS = ("standard", "keras-generator", "none")  # standard: torchvision's transforms
+AUGMENTS = ("standard", "keras-generator", "none")
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> model.compile(jit_compile=...)  # standard: torchvision's transforms
 DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
 _AUGMENT = AugmentConfig()  # the augmentation ranges are declared once, in data.augment
 
@@ -118,6 +119,14 @@ class TrainConfig:
                                 "of the side (0: off).", type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
     zoom_range: float = option(_AUGMENT.zoom_range, "keras-generator: zoom drawn from [1-z, 1+z] per axis (0: off).",
                                type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
+    precision: str = option("float32", "Keras dtype policy: float32, or mixed_bfloat16 / mixed_float16 (float32 "
+                            "variables and logits; float16 with loss scaling).", type=click.Choice(PRECISIONS),
+                            group=RUN)
+    jit_compile: str = option("auto", "Compile the train step: auto (Keras' choice: XLA on jax, on tensorflow only "
+                              "with a GPU, never on torch), on (XLA; torch.compile on torch) or off; metrics.json "
+                              "records what it resolved to.", type=click.Choice(JIT_COMPILE), group=RUN)
+    steps_per_execution: int = option(1, "Batches per compiled call (fewer Python round trips on a GPU; the torch "
+                                      "backend takes only 1).", type=click.IntRange(1), group=RUN)
     deterministic: bool = option(False, "Each framework's deterministic mode (tf op determinism, torch "
                                  "deterministic algorithms, XLA deterministic ops); recorded in config.json.",
                                  group=RUN)
@@ -133,7 +142,8 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
-                         self.bn_momentum, dropout_seed=self.seed, arch=self.resolved_arch)
+                         self.bn_momentum, dropout_seed=self.seed, arch=self.resolved_arch,
+                         precision=self.precision)
 
     @property
     def resolved_arch(self) -> str:
@@ -148,6 +158,9 @@ class TrainConfig:
         if self.unfreeze_blocks is not None and self.unfreeze_blocks > blocks:
             raise ConfigError(f"--unfreeze-blocks {self.unfreeze_blocks}: the {self.model} backbone"
                              f"{f' cut at {self.cut}' if self.model == 'hybrid' else ''} has {blocks} residual blocks")
+        if self.steps_per_execution > 1 and selected_backend() == "torch":
+            raise ConfigError(f"--steps-per-execution {self.steps_per_execution}: Keras' torch backend runs one "
+                              f"batch per call (its trainer refuses more); use 1, or the jax or tensorflow backend")
         if self.freeze == "backbone" and self.unfreeze_blocks:
             raise ConfigError("--freeze backbone and --unfreeze-blocks contradict each other; give one")
 

@@ -28,7 +28,7 @@ from model.spec import MODELS
 
 CHECK = "What is checked"
 
-PRECISIONS = ("float32", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16")  # those of model.spec.PRECISIONS whose tolerances are measured
 PLANTS = ("weight", "preprocess")
 PLANTED_WEIGHT_DELTA = 1e-3
 
@@ -115,7 +115,7 @@ def build_parity_model(cfg: ParityConfig, num_classes: int):
     """The model under test, without dropout: its masks come from each backend's own RNG."""
     from model import ModelSpec, build_model
 
-    return build_model(ModelSpec(cfg.model, dropout=0.0), num_classes, cfg.image_size)
+    return build_model(ModelSpec(cfg.model, dropout=0.0, precision=cfg.precision), num_classes, cfg.image_size)
 
 
 def _numpy(x) -> np.ndarray:
@@ -166,8 +166,7 @@ def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
     from engine.backend import set_random_seed
 
     set_random_seed(cfg.seed)
-    keras.mixed_precision.set_dtype_policy(cfg.precision)
-    model = build_parity_model(cfg, num_classes=4)
+    model = build_parity_model(cfg, num_classes=4)  # in cfg.precision (build_model sets the policy)
     if not weights_path.exists():  # The first backend builds the one weights file.
         model.save_weights(weights_path)
 

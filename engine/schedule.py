@@ -12,7 +12,7 @@ import math
 
 import keras
 
-from engine.config import SCHEDULES
+from engine.config import JIT_COMPILE, SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,21 +28,25 @@ class Phase:
     train_batchnorm: bool = True  # the backbone's BatchNormalization in those blocks trains too
     weight_decay: float = 0.0  # Adam's decoupled weight decay, on kernels
     label_smoothing: float = 0.0
+    jit_compile: str | bool = "auto"  # model.compile's
+    steps_per_execution: int = 1
 
 
 def plan_phases(cfg) -> list[Phase]:
     """The phases a `TrainConfig` asks for."""
     phases = []
+    # How every phase trains and compiles (not what trains): the same in each.
+    common = {"weight_decay": cfg.weight_decay, "label_smoothing": cfg.label_smoothing,
+              "jit_compile": JIT_COMPILE[cfg.jit_compile], "steps_per_execution": cfg.steps_per_execution}
     if cfg.head_epochs:
-        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0,
-                            weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing))
+        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0, **common))
     blocks = 0 if cfg.freeze == "backbone" else cfg.unfreeze_blocks
     # The hybrid keeps the backbone's BatchNormalization on the statistics its weights
     # came with; the plain classifier trains it, as the original study did.
     train_batchnorm = cfg.bn_train if cfg.bn_train is not None else cfg.model == "resnet50"
     phases.append(Phase(
         "finetune" if phases else "train", cfg.epochs, cfg.learning_rate, cfg.lr_schedule,
-        cfg.warmup_epochs, blocks, train_batchnorm, cfg.weight_decay, cfg.label_smoothing,
+        cfg.warmup_epochs, blocks, train_batchnorm, **common,
     ))
     return phases
 

@@ -173,8 +173,12 @@ def _compile_phase(model: keras.Model, phase: Phase, previous: keras.optimizers.
     # Step counts at a phase's start: epochs so far times batches per epoch, as the run made them.
     start_step = int(keras.ops.convert_to_numpy(previous.iterations)) if previous else epoch * steps_per_epoch
     optimizer = phase_optimizer(phase, phase_learning_rate(phase, steps_per_epoch, start_step), model.trainable_variables)
+    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer here (float16 gradients
+    # would underflow without loss scaling); bfloat16 has float32's range and needs none.
     model.compile(optimizer=optimizer, loss=training_loss(phase.label_smoothing),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=phase.jit_compile, steps_per_execution=phase.steps_per_execution)
+    optimizer = model.optimizer  # the Adam, or the LossScaleOptimizer around it
     optimizer.build(model.trainable_variables)
     return optimizer, blocks
 

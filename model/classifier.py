@@ -54,7 +54,9 @@ def classification_head(x, num_classes: int, dropout: float, dropout_seed: int |
     """
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dropout(dropout, seed=dropout_seed, name="dropout")(x)
-    return keras.layers.Dense(num_classes, name="logits")(x)
+    # float32 logits under a mixed policy: the softmax and the loss are then computed in float32,
+    # where bfloat16's 8-bit mantissa (or float16's range) would round the loss.
+    return keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
 
 
 def build_classifier(

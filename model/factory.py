@@ -11,7 +11,12 @@ from model.spec import ModelSpec
 
 
 def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
-    """Builds the model `spec` names, with every layer trainable."""
+    """Builds the model `spec` names, with every layer trainable, in `spec.precision`: the dtype
+    policy is set here, before any layer exists (a layer takes the policy at creation), and the
+    logits layer stays float32 in any policy (see `model.classifier.classification_head`)."""
+    import keras
+
+    keras.mixed_precision.set_dtype_policy(spec.precision)
     if spec.name == "hybrid":
         from model.hybrid import build_hybrid
 

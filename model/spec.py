@@ -10,6 +10,8 @@ MODELS = ("resnet50", "hybrid")
 # `resnet50` (the stride on the 3x3 convolution, no conv biases; torchvision's weights).
 KERAS_V1, TORCHVISION_V15 = "keras-v1", "torchvision-v1.5"
 ARCHS = (KERAS_V1, TORCHVISION_V15)
+# Keras dtype policies a model can be built in; mixed ones keep the variables (and the logits) in float32.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 BACKBONE_NAME = "resnet50"  # the backbone's layer name inside either model
 # Where `--cut` ends the backbone: the output layer of the last residual block of a stage.
 CUT_LAYERS = {
@@ -38,12 +40,15 @@ class ModelSpec:
     bn_momentum: float | None = None
     dropout_seed: int | None = None  # a training run passes its --seed
     arch: str = KERAS_V1
+    precision: str = "float32"  # the Keras dtype policy the layers are built in (one of PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.name!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.cut not in CUTS:
             raise ValueError(f"cut must be one of {CUTS}, got {self.cut!r}")
 

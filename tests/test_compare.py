@@ -171,7 +171,9 @@ def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
     assert not (tmp_path / "c").exists()
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,vgg", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "'vgg' is not one of" in result.stderr
-    assert set(FACTORS) == {"model", "preprocess", "augment", "weights"}
+    assert set(FACTORS) == {"model", "preprocess", "augment", "weights", "precision"}
+    result = cli("compare", "--data-dir", str(demo_dir), "--precision", "float32,float8", "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "'float8' is not one of" in result.stderr
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,hybrid", "--unfreeze-blocks", "14", "--weights", "none",
                  "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "the hybrid backbone cut at conv4 has 13 residual blocks" in result.stderr
