@@ -23,6 +23,7 @@ import numpy as np
 from data.discovery import DatasetError, Example, Splits
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine.backend import (
+    devices,
     enable_determinism,
     environment,
     peak_memory_mb,
@@ -447,7 +448,7 @@ def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resum
     with checked.undone_on_input_errors():  # bad weights or no readable image: no run folder left
         model = build_run_model(cfg, len(checked.splits.classes), resume, checked.run_dir)
         log(f"Run directory: {run_dir}")
-        log(f"Backend: {keras.backend.backend()}; classes: {', '.join(checked.splits.classes)}; "
+        log(f"Backend: {keras.backend.backend()} on {', '.join(devices())}; classes: {', '.join(checked.splits.classes)}; "
             f"test set: {checked.splits.test_source}")
         for note in checked.notes:
             log(f"note: {note}")

@@ -61,6 +61,7 @@ def test_a_compiled_mixed_bfloat16_run_trains_and_records_both(demo_dir, tmp_pat
          "--jit-compile", "on", "--verbose", "0", "--out", str(out)],
         env=cli_env(backend), capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"Backend: {backend} on " in result.stdout  # the device(s) in use, named at start-up
     options = json.loads((out / "config.json").read_text())["options"]
     assert (options["precision"], options["jit_compile"]) == ("mixed_bfloat16", "on")
     metrics = json.loads((out / "metrics.json").read_text())
