@@ -129,7 +129,7 @@ def test_one_epoch_train_writes_every_run_file(demo_dir, tmp_path):
     names = {p.name for p in run_dir.iterdir()}
     assert names == {  # --keep-checkpoints best: last.weights.h5 went once the run finished
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
-        "metrics.json", "skipped.txt", "stability.csv", "stability.png",
+        "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
     }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["starting_weights"]["initial"]["sha256"] == file_sha256(run_dir / "initial.weights.h5")
@@ -148,6 +148,11 @@ def test_one_epoch_train_writes_every_run_file(demo_dir, tmp_path):
     assert metrics["backend"] == active_backend()
     assert metrics["test"]["count"] == 12
     assert np.asarray(metrics["test"]["confusion_matrix"]).sum() == 12
+    # test_predictions.csv: one row per test image, whose final predictions give the reported accuracy.
+    with open(run_dir / "test_predictions.csv") as f:
+        predictions = list(csv.DictReader(f))
+    assert len(predictions) == 12 and set(predictions[0]) == {"path", "label", "final", "best", "twin_in_training"}
+    assert np.mean([p["label"] == p["final"] for p in predictions]) == pytest.approx(metrics["test"]["accuracy"])
     assert set(metrics["test"]["per_class"]) == {"glioma", "meningioma", "notumor", "pituitary"}
     assert metrics["skipped"][0]["path"] == str(corrupt)
     assert (run_dir / "skipped.txt").read_text().startswith(str(corrupt) + "\t")

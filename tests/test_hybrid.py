@@ -292,7 +292,7 @@ def test_hybrid_command_trains_two_phases_and_writes_every_run_file(demo_dir, tm
     assert "Phase head: epochs 1-1" in result.stdout and "Phase finetune: epochs 2-3" in result.stdout
     assert {p.name for p in run_dir.iterdir()} == {
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
-        "metrics.json", "skipped.txt", "stability.csv", "stability.png",
+        "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
     }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["options"]["model"] == "hybrid" and config["options"]["bn_train"] is None

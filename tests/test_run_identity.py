@@ -44,7 +44,7 @@ def test_overwrite_replaces_the_old_run_whole(demo_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
-        "metrics.json", "skipped.txt", "stability.csv", "stability.png",
+        "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
     }
     check_run_files(out)
     assert json.loads((out / "metrics.json").read_text())["run_id"] == json.loads((out / "config.json").read_text())["run_id"]
