@@ -11,7 +11,17 @@ import pytest
 
 from engine.compare import backend_effects, paired_comparison
 from engine.recipes import recipe_options
-from engine.reproduce import BASELINE, FACTOR_STEPS, TARGET, decompose, plan_runs, plan_steps, step_options
+from engine.reproduce import (
+    BASELINE,
+    FACTOR_STEPS,
+    TARGET,
+    decompose,
+    format_report,
+    plan_runs,
+    plan_steps,
+    plot_waterfall,
+    step_options,
+)
 from engine.rundir import PREDICTIONS_FILE, write_csv
 from tests.conftest import ROOT, active_backend, cli_env
 
@@ -70,6 +80,11 @@ def test_two_seeds_give_paired_intervals_and_one_seed_a_test_on_the_images(tmp_p
     assert effect.excludes_zero and effect.mean > 0.05
     framework = next(r for r in rows if r["backend"] == "jax" and r["step"] == steps[1].name)["framework_effect"]
     assert framework["interval"].mean == 0.0  # identical predictions on both backends
+    # The report and the chart, from these intervals.
+    text = format_report({"rows": rows}, steps, ("torch", "jax"), [0, 1, 2], "reproduce ...", [])
+    assert f"{steps[1].name} higher by" in text and "not distinguishable from seed-to-seed noise" in text
+    plot_waterfall({"rows": rows}, steps, ("torch", "jax"), tmp_path / "waterfall.png")
+    assert (tmp_path / "waterfall.png").stat().st_size > 10_000
     # One seed: McNemar and a bootstrap over the 400 test images.
     single = paired_comparison([r for r in results if r["seed"] == 0 and r["cell"] == steps[1].name][:1],
                                [r for r in results if r["seed"] == 0 and r["cell"] == steps[0].name][:1])
