@@ -390,7 +390,7 @@ def test_without_torch_a_state_dict_is_refused_saying_what_to_install(caches, tm
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
     with pytest.raises(WeightsError) as error:
         resolve_backbone_weights(str(pth))
-    assert "needs torch: pip install torch" in one_line(error)
+    assert "needs torch: pip install -r requirements/runtime.lock" in one_line(error)
     with pytest.raises(WeightsError) as error:
         resolve_backbone_weights(str(tmp_path / "absent.pth"))
     assert "does not exist" in one_line(error)
