@@ -329,7 +329,9 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
 
     from engine.backend import set_random_seed
     from model import ModelSpec, build_model
+    from model.weights import resolve_arch
 
+    architecture["arch"] = resolve_arch(architecture["arch"], weights)  # the default: what --weights implies
     set_random_seed(seed)
     model = build_model(ModelSpec(architecture.pop("model"), **architecture), num_classes, image_size, weights)
     model.save_weights(path)
