@@ -416,6 +416,8 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     given.pop("recipe", None)
     _check_reproduce_options(options, given)
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
+    if not splits.test:  # every effect is a difference in test accuracy
+        raise UserError(f"{options['data_dir']} has no Testing/ folder: give --test-split (e.g. 0.2) to hold out a test set")
     _grid_command("reproduce", out, "reproduce.md, reproduce.json, waterfall.png, curves.png", lambda out_dir: run_reproduce(
         options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo))
 

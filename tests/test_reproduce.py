@@ -131,3 +131,16 @@ def test_reproduce_runs_every_step_offline_and_writes_its_report(demo_dir, tmp_p
     # Finished runs are reused: a second call trains nothing.
     again = subprocess.run(command, env=cli_env(backend), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and again.stdout.count("done earlier, reusing") == len(names)
+
+
+def test_reproduce_without_a_test_set_is_one_line_before_any_run(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    from tests.conftest import make_layout
+
+    data = make_layout(tmp_path / "data", {"Training": {"a": 4, "b": 4}})
+    result = CliRunner().invoke(cli.cli, ["reproduce", "--data-dir", str(data), "--weights", "none",
+                                          "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2 and "--test-split" in result.output
+    assert not (tmp_path / "rep").exists()
