@@ -82,6 +82,13 @@ def plan_runs(steps: list[Step], backends: tuple[str, ...], seeds: list[int]) ->
             for backend in backends]
 
 
+def _within_0_and_1(interval: stats.Interval) -> stats.Interval:
+    """An accuracy's t interval cut to [0, 1]: with two seeds far apart it reaches past both ends."""
+    if not interval.has_interval:
+        return interval
+    return dataclasses.replace(interval, low=max(interval.low, 0.0), high=min(interval.high, 1.0))
+
+
 def decompose(results: list[dict], steps: list[Step], backends: tuple[str, ...]) -> dict:
     """Per step and backend: the mean test accuracy with its interval over seeds, the step's
     effect (paired difference from the previous step) and the framework effect (each backend
@@ -94,7 +101,8 @@ def decompose(results: list[dict], steps: list[Step], backends: tuple[str, ...])
             runs = cells[(step.name, backend)]
             if not runs:
                 continue
-            row = {"step": step.name, "backend": backend, "accuracy": stats.mean_interval([run_test_accuracy(r) for r in runs])}
+            row = {"step": step.name, "backend": backend,
+                   "accuracy": _within_0_and_1(stats.mean_interval([run_test_accuracy(r) for r in runs]))}
             if i:
                 row["step_effect"] = paired_comparison(runs, cells[(steps[i - 1].name, backend)])
             if backend != backends[0]:

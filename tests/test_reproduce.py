@@ -144,3 +144,11 @@ def test_reproduce_without_a_test_set_is_one_line_before_any_run(tmp_path):
                                           "--out", str(tmp_path / "rep")])
     assert result.exit_code == 2 and "--test-split" in result.output
     assert not (tmp_path / "rep").exists()
+
+
+def test_an_accuracy_interval_stays_within_0_and_100_percent(tmp_path):
+    """Two seeds far apart: the t interval (t = 12.7) reaches below 0; reported, it stops at 0."""
+    steps = plan_steps({"weights": "none"})[:1]
+    results = [_result(tmp_path, steps[0].name, "torch", seed, np.arange(400) < n) for seed, n in ((0, 100), (1, 130))]
+    (row,) = decompose(results, steps, ("torch",))["rows"]
+    assert row["accuracy"].low == 0.0 and row["accuracy"].high == pytest.approx(0.2875 + 12.7062 * 0.0375, abs=1e-3)  # s.e. 0.0375
