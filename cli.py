@@ -366,11 +366,11 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     for model in factors["model"]:  # e.g. --unfreeze-blocks that one model's backbone lacks
         TrainConfig(**dict(fixed, model=model)).check_schedule()
     grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
-    _grid_command("compare", out, "compare.md, compare.json, curves.png", lambda out_dir: run_compare(
+    _grid_command("compare", out, ("compare.md", "compare.json", "curves.png"), lambda out_dir: run_compare(
         fixed, backends, grid, seeds, out_dir, len(splits.classes), log=click.echo))
 
 
-def _grid_command(kind: str, out: str | None, files: str, run: Callable[[Path], dict]) -> None:
+def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Callable[[Path], dict]) -> None:
     """What compare and reproduce share once their options are checked: the output folder, the
     runs (`run(out_dir)`), the report printed, exit 1 when a run failed."""
     import time
@@ -384,7 +384,7 @@ def _grid_command(kind: str, out: str | None, files: str, run: Callable[[Path], 
     except CompareError as e:
         raise click.ClickException(str(e)) from None
     click.echo("\n" + report["markdown"])
-    click.echo(f"\nWrote {out_dir}/{files.replace(', ', f', {out_dir}/')}")
+    click.echo(f"\nWrote {', '.join(str(out_dir / name) for name in files)}")
     if report["failures"]:
         raise SystemExit(1)
 
@@ -403,7 +403,6 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     --weights none --image-size 64 --epochs 2 for an offline run). Writes reproduce.md/json,
     waterfall.png: each step's effect and the framework effect, with 95% intervals.
     """
-
     from data.discovery import make_splits
     from engine.reproduce import run_reproduce
 
@@ -418,7 +417,7 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
     if not splits.test:  # every effect is a difference in test accuracy
         raise UserError(f"{options['data_dir']} has no Testing/ folder: give --test-split (e.g. 0.2) to hold out a test set")
-    _grid_command("reproduce", out, "reproduce.md, reproduce.json, waterfall.png, curves.png", lambda out_dir: run_reproduce(
+    _grid_command("reproduce", out, ("reproduce.md", "reproduce.json", "waterfall.png", "curves.png"), lambda out_dir: run_reproduce(
         options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo))
 
 
