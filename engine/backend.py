@@ -56,13 +56,30 @@ def check_backend() -> str:
             f"KERAS_BACKEND={name} but {name} is not installed; run `make venv` "
             f"(or pip install -r requirements/runtime.lock)"
         )
+    for variable, value in framework_environment(name).items():
+        os.environ.setdefault(variable, value)  # what the user set wins
     return name
+
+
+def framework_environment(backend: str) -> dict[str, str]:
+    """Environment defaults the backend's framework reads at import, so set before keras loads.
+
+    jax preallocates 75% of each GPU when it starts; beside another framework in the process
+    (torchvision in `bench-train`'s baseline, a torch-built data loader) that memory is gone for
+    it, and an out-of-memory error blames the wrong side. Allocating on demand costs a little
+    speed on the first steps only (XLA's allocator keeps what it took). A user's own setting,
+    e.g. XLA_PYTHON_CLIENT_MEM_FRACTION for a dedicated GPU, is left alone."""
+    if backend == "jax" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    return {}
 
 
 def backend_subprocess_env(backend: str) -> dict[str, str]:
     """This process's environment with `KERAS_BACKEND=backend`, for a child that runs it."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for variable, value in framework_environment(backend).items():
+        env.setdefault(variable, value)
     return env
 
 
@@ -137,6 +154,25 @@ def peak_memory_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
+
+
+# How each framework says a device ran out of memory: torch.OutOfMemoryError (CUDA's caching
+# allocator), tensorflow's ResourceExhaustedError, and XLA's RESOURCE_EXHAUSTED status in a jax
+# XlaRuntimeError (also what tensorflow's XLA path raises). Matched by name and message, so that
+# classifying an error never imports a framework the run does not use.
+_OUT_OF_MEMORY_TYPES = ("OutOfMemoryError", "ResourceExhaustedError")
+_OUT_OF_MEMORY_TEXT = ("RESOURCE_EXHAUSTED", "CUDA out of memory", "out of memory while trying to allocate")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is a device out-of-memory error."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # a chain can loop back on itself
+        if type(error).__name__ in _OUT_OF_MEMORY_TYPES or any(t in str(error) for t in _OUT_OF_MEMORY_TEXT):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def loss_and_gradients(model, images, labels, loss_fn) -> tuple:

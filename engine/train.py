@@ -26,6 +26,7 @@ from engine.backend import (
     devices,
     enable_determinism,
     environment,
+    is_out_of_memory,
     peak_memory_mb,
     set_random_seed,
     tensorflow_kept_out,
@@ -343,7 +344,7 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
                                                   run_id)
     stability = StabilityMonitor(*probe_batch(cfg, data.train, data.cache), run_dir,
                                  resume_epochs=state["epoch"] if state else 0)
-    with _os_errors_stop_the_run(checkpoints, run_dir):
+    with _os_errors_stop_the_run(checkpoints, run_dir), _out_of_memory_stops_the_run(checkpoints, cfg):
         fit_phases(
             model, phases, train_batches, val_batches,
             # Order matters: the timer and the stability log add to the logs history.csv gets.
@@ -362,9 +363,10 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     checkpoints = trained[0]
     with _os_errors_stop_the_run(checkpoints, run_dir):
         save_model_file(model, run_dir / MODEL_FILE)
-    final, final_predicted = _evaluate(model, data, cfg)
-    load_model_weights(model, run_dir / BEST)
-    best, best_predicted = _evaluate(model, data, cfg)
+    with _out_of_memory_stops_the_run(checkpoints, cfg):
+        final, final_predicted = _evaluate(model, data, cfg)
+        load_model_weights(model, run_dir / BEST)
+        best, best_predicted = _evaluate(model, data, cfg)
     if final_predicted is not None:
         with _os_errors_stop_the_run(checkpoints, run_dir):
             write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
@@ -557,6 +559,26 @@ def _os_errors_stop_the_run(checkpoints: Checkpoints, run_dir: Path):
                 f"fix the cause and continue with --resume {run_dir}"
                 if checkpoints.last_epoch else "no epoch was checkpointed; fix the cause and start the run again")
         raise RunStoppedError(f"training stopped by an OS error ({reason}); {kept}") from e
+
+
+@contextlib.contextmanager
+def _out_of_memory_stops_the_run(checkpoints: Checkpoints, cfg: TrainConfig):
+    """Turns a device out-of-memory error into `RunStoppedError`: one line with the settings that
+    decide the memory a step needs and what to lower, instead of a framework's page of allocator
+    state. Checkpoints are written whole or not at all, so the last one is intact."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        kept = (f"the last checkpoint ({checkpoints.last}, epoch {checkpoints.last_epoch}) is intact"
+                if checkpoints.last_epoch else "no epoch was checkpointed")
+        lower = "" if cfg.precision != "float32" else ", or use --precision mixed_bfloat16 (about half the activations)"
+        said = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__  # not the allocator dump
+        raise RunStoppedError(
+            f"the device ran out of memory ({said}) at --batch-size {cfg.batch_size}, --image-size {cfg.image_size}, "
+            f"--precision {cfg.precision}: lower --batch-size (memory grows with it) or --image-size{lower}; "
+            f"{kept}") from None
 
 
 def results_table(runs: dict[str, dict]) -> str:
