@@ -8,6 +8,7 @@ Pick the backend with KERAS_BACKEND, e.g.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
+from engine.bench_train import BenchSettings
 from engine.compare import FACTORS  # Keras-free, like everything imported here
 from engine.config import AUGMENTATION, DATA, HYBRID_RECIPE, TrainConfig
 from engine.options import (
@@ -255,6 +257,29 @@ def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epoc
         click.echo(f"measuring {side} ...", err=True)
         results[side] = measure(side, data_dir, image_size, batch_size, epochs, workers)
     click.echo(format_report(results["ours"], results["tfdata"]))
+
+
+@cli.command("bench-train", cls=GroupedCommand)
+@click_options(TrainConfig, ["image_size", "batch_size", "precision", "jit_compile", "steps_per_execution", "workers"])
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), cls=GroupedOption, group="Benchmark", help="Folder with Training/<class>/* for keras-fit (default: phantom demo images made for the run).")
+@click.option("--warmup-steps", default=BenchSettings.warmup_steps, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Steps left out before timing (compilation, allocator growth).")
+@click.option("--window-steps", default=BenchSettings.window_steps, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Steps per timed window.")
+@click.option("--windows", default=BenchSettings.windows, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Timed windows; the median is reported.")
+@click.option("--native/--no-native", default=True, show_default=True, cls=GroupedOption, group="Benchmark", help="Also time native torchvision (when it imports).")
+@click.option("--torch-compile", is_flag=True, cls=GroupedOption, group="Benchmark", help="Native torchvision through torch.compile.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), cls=GroupedOption, group="Benchmark", help="Also write the results as JSON here.")
+@_user_errors
+def bench_train_command(out: str | None, native: bool, **settings) -> None:
+    """Training images/s and peak memory: fit through the pipeline, the bare train step, native torchvision."""
+    from engine.backend import backend_subprocess_env, selected_backend
+    from engine.bench_train import format_report, run_bench
+
+    backend = selected_backend()
+    report = run_bench(BenchSettings(**settings), backend, backend_subprocess_env(backend), native,
+                       log=lambda line: click.echo(line, err=True))
+    click.echo(format_report(report))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _installed_backends() -> str:

@@ -156,6 +156,30 @@ def peak_memory_mb() -> float:
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024
 
 
+def device_peak_memory_mb() -> float | None:
+    """Peak memory the active framework allocated on its first accelerator, in MiB; None on a
+    CPU (there `peak_memory_mb`, the process's resident peak, is the figure)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.config.experimental.get_memory_info(gpus[0].name)["peak"] / 2**20 if gpus else None
+    if backend == "jax":
+        import jax
+
+        accelerators = [d for d in jax.devices() if d.platform != "cpu"]
+        stats = accelerators[0].memory_stats() if accelerators else None
+        return stats["peak_bytes_in_use"] / 2**20 if stats else None
+    return None
+
+
 # How each framework says a device ran out of memory: torch.OutOfMemoryError (CUDA's caching
 # allocator), tensorflow's ResourceExhaustedError, and XLA's RESOURCE_EXHAUSTED status in a jax
 # XlaRuntimeError (also what tensorflow's XLA path raises). Matched by name and message, so that

@@ -139,7 +139,7 @@ def fit_phases(
         epoch = end
         if done > end:  # finished before the checkpoint's phase
             continue
-        previous, optimizer, blocks = optimizer, *_compile_phase(model, phase, optimizer, len(train_batches), first)
+        previous, optimizer, blocks = optimizer, *compile_phase(model, phase, optimizer, len(train_batches), first)
         if state is not None and first < done <= end:  # the checkpoint's phase: its state, not the carried one
             _restore_checkpoint(model, resume_from, state, phase, log)
             previous, first = None, done
@@ -167,7 +167,7 @@ def fit_phases(
     return dict(history)
 
 
-def _compile_phase(model: keras.Model, phase: Phase, previous: keras.optimizers.Optimizer | None,
+def compile_phase(model: keras.Model, phase: Phase, previous: keras.optimizers.Optimizer | None,
                    steps_per_epoch: int, epoch: int) -> tuple[keras.optimizers.Optimizer, list[str]]:
     """Sets what trains in `phase` and compiles the model with the phase's new Adam (built, so
     a checkpoint or the previous phase's state can be loaded into it)."""

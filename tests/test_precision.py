@@ -39,11 +39,11 @@ def test_a_mixed_model_computes_in_half_precision_with_float32_variables_and_log
 
 
 def test_float16_training_gets_loss_scaling(float32_afterwards, tmp_path):
-    from engine.train import _compile_phase
+    from engine.train import compile_phase
 
     cfg = TrainConfig(data_dir=str(tmp_path), precision="mixed_float16", epochs=1, weights="none", **SMALL)
     model = build_model(cfg.model_spec(), num_classes=4, image_size=32)
-    optimizer, _ = _compile_phase(model, plan_phases(cfg)[0], None, steps_per_epoch=2, epoch=0)
+    optimizer, _ = compile_phase(model, plan_phases(cfg)[0], None, steps_per_epoch=2, epoch=0)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     assert isinstance(optimizer.inner_optimizer, keras.optimizers.Adam)
 

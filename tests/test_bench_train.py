@@ -1,0 +1,48 @@
+"""`bench-train`: the three timings, their arithmetic, and the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.bench_train import KERAS_FIT, KERAS_STEP, TORCHVISION, BenchSettings, summarize, window_rates
+from tests.conftest import active_backend
+from tests.test_cli import run_subprocess
+
+
+def test_windows_leave_out_the_warmup_and_the_median_is_reported():
+    settings = BenchSettings(batch_size=10, warmup_steps=2, window_steps=2, windows=3)
+    # Step ends (s): two slow warm-up steps, then windows of 2 steps taking 1, 4 and 2 seconds.
+    step_ends = [5.0, 10.0, 10.5, 11.0, 13.0, 15.0, 16.0, 17.0]
+    assert window_rates(step_ends, settings) == [20.0, 5.0, 10.0]
+    result = summarize(step_ends, settings, 123.45)
+    assert result["images_per_second"] == 10.0 and result["ms_per_step"] == 1000.0
+    assert result["peak_memory_mb"] == round(123.45, 1)
+    assert settings.steps == len(step_ends)
+
+
+def test_bench_train_times_fit_the_bare_step_and_native_torchvision(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_subprocess("bench-train", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1",
+                          "--window-steps", "1", "--windows", "2", "--workers", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["backend"] == active_backend() and report["settings"]["image_size"] == 32
+    for mode in (KERAS_FIT, KERAS_STEP, TORCHVISION):
+        result = report["results"][mode]
+        assert "error" not in result, (mode, result)
+        assert len(result["window_images_per_second"]) == 2 and result["images_per_second"] > 0
+        assert result["ms_per_step"] == pytest.approx(1000 * 4 / result["images_per_second"])
+        assert result["peak_memory_mb"] > 100  # a ResNet50 and its gradients
+    assert report["results"][TORCHVISION]["versions"]["torchvision"]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 4 and f"keras {active_backend()}: fit through the pipeline" in rows[1]
+    assert "native torchvision resnet50" in rows[3]
+
+
+@pytest.mark.skipif(active_backend() != "torch", reason="the torch backend's own refusal")
+def test_bench_train_refuses_what_training_refuses():
+    done = run_subprocess("bench-train", "--image-size", "32", "--steps-per-execution", "2")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --steps-per-execution 2")
+    assert len(done.stderr.strip().splitlines()) == 1
