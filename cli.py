@@ -246,17 +246,24 @@ def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None,
 @click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Folder with Training/<class>/*.")
 @click_options(TrainConfig, ["image_size", "batch_size"])
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(2), help="Epoch 1 is cold, the last warm.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
-def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers: int) -> None:
-    """Measure input-pipeline throughput against a tf.data baseline, side by side."""
-    from engine.pipeline_bench import format_report, measure, warm_file_cache
+@click.option("--workers", "workers_levels", default="2", show_default=True, type=LevelList(click.IntRange(1)), help="Loader threads; several (e.g. 1,2,4) give a scaling table.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the tf.data baseline (at the most workers).")
+def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers_levels: list[int],
+                           baseline: bool) -> None:
+    """Measure input-pipeline throughput against a tf.data baseline, side by side, and how it scales with --workers."""
+    from engine.pipeline_bench import format_report, format_scaling, measure, warm_file_cache
 
     warm_file_cache(data_dir)
-    results = {}
-    for side in ("ours", "tfdata"):
-        click.echo(f"measuring {side} ...", err=True)
-        results[side] = measure(side, data_dir, image_size, batch_size, epochs, workers)
-    click.echo(format_report(results["ours"], results["tfdata"]))
+    ours = {}
+    for workers in workers_levels:
+        click.echo(f"measuring ours, {workers} workers ...", err=True)
+        ours[workers] = measure("ours", data_dir, image_size, batch_size, epochs, workers)
+    if len(ours) > 1:
+        click.echo(format_scaling(ours, os.cpu_count()) + "\n")
+    if baseline:
+        click.echo("measuring tfdata ...", err=True)
+        most = max(ours)
+        click.echo(format_report(ours[most], measure("tfdata", data_dir, image_size, batch_size, epochs, most)))
 
 
 @cli.command("bench-train", cls=GroupedCommand)

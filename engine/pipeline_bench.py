@@ -120,3 +120,20 @@ def format_report(ours: dict, baseline: dict) -> str:
     lines.append("")
     lines.append(f"speed-up over the baseline: cold {cold:.2f}x (goal >= 1x), warm {warm:.2f}x (goal >= 2x)")
     return "\n".join(lines)
+
+
+def format_scaling(by_workers: dict[int, dict], cpu_count: int | None) -> str:
+    """Our pipeline's throughput per worker count, and its speed-up over the fewest workers (a
+    thread pool held back by the GIL would stay near 1x; decoding and resampling in Pillow and
+    NumPy release it)."""
+    fewest = min(by_workers)
+    base = by_workers[fewest]["epochs"]
+    rows = []
+    for workers, result in sorted(by_workers.items()):
+        cold, warm = result["epochs"][0]["images_per_second"], result["epochs"][-1]["images_per_second"]
+        rows.append([str(workers), f"{cold:.0f}", f"{warm:.0f}", f"{cold / base[0]['images_per_second']:.2f}x",
+                     f"{warm / base[-1]['images_per_second']:.2f}x", f"{result['peak_memory_mb']:.0f}"])
+    return (f"scaling with --workers ({cpu_count} CPU cores; speed-up over {fewest} worker"
+            f"{'s' if fewest > 1 else ''}):\n\n") + markdown_table(
+        ["workers", "epoch 1 (cold) img/s", "epoch 2 (warm) img/s", "cold speed-up", "warm speed-up",
+         "peak memory MiB"], rows)
