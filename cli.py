@@ -125,6 +125,9 @@ def _train(options: dict) -> None:
         from engine.backend import deterministic_environment
 
         os.environ.update(deterministic_environment())  # XLA reads its flags at import.
+    from engine.backend import data_parallel_environment
+
+    os.environ.update(data_parallel_environment(cfg.devices))  # jax on a CPU: N host devices, set before jax starts
     from engine.train import DivergedError, RunStoppedError, run_training
 
     try:

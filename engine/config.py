@@ -13,7 +13,7 @@ import click
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import DatasetError, Splits, make_splits
-from engine.backend import selected_backend
+from engine.backend import data_parallel_launch_error, process_rank, selected_backend
 from engine.options import FloatPair, PositiveFloat, option
 from engine.rundir import claim_run_dir, prepare_run_dir
 from errors import UserInputError
@@ -127,6 +127,10 @@ class TrainConfig:
                               "records what it resolved to.", type=click.Choice(JIT_COMPILE), group=RUN)
     steps_per_execution: int = option(1, "Batches per compiled call (fewer Python round trips on a GPU; the torch "
                                       "backend takes only 1).", type=click.IntRange(1), group=RUN)
+    devices: int = option(1, "Data-parallel replicas: each trains on --batch-size/N images of every (global) "
+                          "batch. jax: keras.distribution.DataParallel; tensorflow: MirroredStrategy; torch: one "
+                          "process per device, under `torchrun --nproc-per-node N` (docs/distributed.md).",
+                          type=click.IntRange(1), group=RUN)
     deterministic: bool = option(False, "Each framework's deterministic mode (tf op determinism, torch "
                                  "deterministic algorithms, XLA deterministic ops); recorded in config.json.",
                                  group=RUN)
@@ -163,6 +167,17 @@ class TrainConfig:
                               f"batch per call (its trainer refuses more); use 1, or the jax or tensorflow backend")
         if self.freeze == "backbone" and self.unfreeze_blocks:
             raise ConfigError("--freeze backbone and --unfreeze-blocks contradict each other; give one")
+
+    def check_devices(self) -> None:
+        """Raises ConfigError when the global batch does not split evenly over --devices, or when
+        this process was not launched as one of them (torch: torchrun)."""
+        if self.batch_size % self.devices:
+            even = max(self.devices, self.batch_size // self.devices * self.devices)
+            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must split evenly over "
+                              f"--devices {self.devices} (e.g. --batch-size {even})")
+        error = data_parallel_launch_error(self.devices)
+        if error:
+            raise ConfigError(error)
 
     @property
     def finds_twins(self) -> bool:
@@ -239,7 +254,7 @@ def check_splits(cfg: TrainConfig, splits: Splits) -> list[str]:
 class Preflight:
     """What the checks found: the run directory (created), the splits, and notes to report."""
 
-    run_dir: Path
+    run_dir: Path | None  # None only on a torch process of rank > 0 without --out: it writes nothing
     splits: Splits
     notes: list[str] = dataclasses.field(default_factory=list)
     created: bool = False  # the run directory did not exist before this run
@@ -264,8 +279,11 @@ def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -
     """
     cfg.augment_config()
     cfg.check_schedule()
+    cfg.check_devices()
     splits = cfg.splits(twins=False)  # the layout, in a second
     notes = check_splits(cfg, splits)
+    if process_rank()[0] > 0:  # a torch process besides rank 0 trains in step with it and writes nothing
+        return Preflight(Path(cfg.out) if cfg.out else None, cfg.splits() if cfg.finds_twins else splits, notes)
     if not resume:
         cfg.resolved_arch  # noqa: B018 -- a contradiction (keras-v1 with torchvision weights) fails here
         resolve_backbone_weights(cfg.weights)

@@ -22,6 +22,7 @@ import numpy as np
 
 from data.discovery import DatasetError, Example, Splits
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
+from engine import distribute
 from engine.backend import (
     devices,
     enable_determinism,
@@ -115,7 +116,7 @@ def fit_phases(
     train_batches: MRIBatches,
     val_batches: MRIBatches | None,
     callbacks: list[keras.callbacks.Callback],
-    history_csv: Path,
+    history_csv: Path | None,
     verbose: int = 1,
     log: Callable[[str], None] = print,
     resume_from: Path | None = None,
@@ -156,8 +157,8 @@ def fit_phases(
             initial_epoch=first,
             epochs=end,
             shuffle=False,  # The order is the pipeline's own seeded permutation.
-            callbacks=_before_checkpoints(
-                callbacks, HistoryCSV(history_csv, append=i > 0 or done > 0)),
+            callbacks=_before_checkpoints(callbacks, HistoryCSV(history_csv, append=i > 0 or done > 0))
+            if history_csv else callbacks,
             verbose=verbose,
         ).history
         for key, values in phase_history.items():
@@ -219,7 +220,7 @@ def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cach
     batches = MRIBatches(
         examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers
     )
-    logits = model.predict(batches, verbose=0)
+    logits = distribute.predict(model, batches, len(examples))  # on every replica
     return np.asarray(logits, dtype=np.float32), batches.labels
 
 
@@ -297,20 +298,23 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
     return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache, notes)
 
 
-def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: Path) -> keras.Model:
+def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: Path | None) -> keras.Model:
     """The model at its starting point: the backbone's weights (or the whole --init-weights
     file) loaded, the other layers initialised from --seed. Resuming, every variable comes
     from the checkpoint, so the backbone's start does not matter and nothing is loaded.
 
     What Keras warns while building and loading (a file that does not fit lists hundreds of
-    layers) goes to warnings.log in the run directory, not in front of the one-line error."""
+    layers) goes to warnings.log in the run directory, not in front of the one-line error
+    (nowhere on a process that writes nothing: `run_dir` None). Data-parallel processes all
+    start from the weights of the first (`same_start`)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         set_random_seed(cfg.seed)
         model = build_model(cfg.model_spec(), num_classes, cfg.image_size, "none" if resume else cfg.weights)
         if cfg.init_weights and not resume:
             load_initial_weights(model, cfg.init_weights)
-    if caught:
+    distribute.same_start(model)
+    if caught and run_dir is not None:
         log_file = run_dir / "warnings.log"
         earlier = log_file.read_text() if log_file.exists() else ""  # a resumed run adds to it
         with atomic_write(log_file) as tmp:
@@ -346,9 +350,12 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
                                  resume_epochs=state["epoch"] if state else 0)
     with _os_errors_stop_the_run(checkpoints, run_dir), _out_of_memory_stops_the_run(checkpoints, cfg):
         fit_phases(
-            model, phases, train_batches, val_batches,
-            # Order matters: the timer and the stability log add to the logs history.csv gets.
-            [EpochSync(train_batches), EpochTimer(len(data.train)), guard, stability, checkpoints],
+            model, phases, distribute.for_training(train_batches),
+            distribute.for_evaluation(val_batches) if val_batches is not None else None,
+            # Order matters: the replicas' callback averages the training logs over processes
+            # first; the timer and the stability log add to the logs history.csv gets.
+            [*distribute.replica_callbacks(model), EpochSync(train_batches), EpochTimer(len(data.train)), guard,
+             stability, checkpoints],
             run_dir / "history.csv", cfg.verbose, log, resume_from=run_dir / LAST if state else None,
         )
     if guard.event:
@@ -412,6 +419,7 @@ def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history:
         "seconds_per_epoch": float(np.mean(history["seconds"])),
         "train_images_per_second": float(np.mean(history["images_per_second"])),
         "peak_memory_mb": round(peak_memory_mb(), 1),
+        "data_parallel": distribute.active().record(cfg.batch_size),
         "stability": stability.summary(),
         "counts": data.counts,
         "skipped": [{"path": p, "reason": r} for p, r in data.skipped],
@@ -440,8 +448,11 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
     good epoch) and `RunStoppedError` when an OS error (e.g. a full disk) stops it (the last
     checkpoint stays whole).
     """
-    with tensorflow_kept_out():
-        return _run(cfg, checked or preflight(cfg, resume=resume), log, resume)
+    checked = checked or preflight(cfg, resume=resume)
+    with tensorflow_kept_out(), distribute.replicas(cfg.devices) as replica:  # the model is built and compiled inside
+        if not replica.writes:
+            return _run_in_step(cfg, checked, resume)
+        return _run(cfg, checked, log, resume)
 
 
 def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resume: bool) -> dict:
@@ -452,6 +463,8 @@ def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resum
         log(f"Run directory: {run_dir}")
         log(f"Backend: {keras.backend.backend()} on {', '.join(devices())}; classes: {', '.join(checked.splits.classes)}; "
             f"test set: {checked.splits.test_source}")
+        if distribute.active().devices > 1:
+            log(_describe_replicas(cfg))
         for note in checked.notes:
             log(f"note: {note}")
         data = load_data(cfg, checked, log)
@@ -466,6 +479,30 @@ def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resum
     finish_run_dir(run_dir, cfg.keep_checkpoints)
     log(f"\nRun directory: {run_dir}")
     return metrics
+
+
+def _describe_replicas(cfg: TrainConfig) -> str:
+    replica = distribute.active()
+    return (f"Data parallel: {replica.devices} replicas ({replica.engine}), {cfg.batch_size // replica.devices} "
+            f"images each of every global batch of {cfg.batch_size}; BatchNorm {replica.batchnorm}")
+
+
+def _run_in_step(cfg: TrainConfig, checked: Preflight, resume: bool) -> dict:
+    """A data-parallel process besides rank 0 (torch): the same model, phases and batch order as
+    rank 0, its own share of each batch, stepping with rank 0 (gradients averaged in every step),
+    and nothing written or printed; rank 0 evaluates and writes the run. Resuming, it reads the
+    run's last checkpoint as rank 0 does. Returns {} (the metrics are rank 0's)."""
+    if cfg.deterministic:
+        enable_determinism()
+    model = build_run_model(cfg, len(checked.splits.classes), resume, None)
+    cache = DecodedCache() if cfg.cache else None
+    examples, _ = scan_examples(checked.splits.train, cfg.image_size, cache, cfg.workers)
+    batches = training_batches(cfg, examples, cache)
+    last = Path(cfg.out) / LAST if resume else None
+    fit_phases(model, plan_phases(cfg), distribute.for_training(batches), None,
+               [*distribute.replica_callbacks(model), EpochSync(batches)], None, verbose=0, log=lambda _: None,
+               resume_from=last)
+    return {}
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: RunData, determinism: dict | None,
