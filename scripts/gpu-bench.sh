@@ -9,7 +9,8 @@
 #   scripts/gpu-bench.sh --fetch-wheels   # here, with the network: keras and what it needs that the GPU
 #                                         # machine lacks, as Python 3.12 wheels in .whl/ (git-ignored)
 #   scripts/gpu-bench.sh [OUT]            # on the GPU machine (torch and jax installed; tensorflow not needed)
-#   scripts/gpu-bench.sh --dry-run [OUT]  # the same steps on a CPU, tiny: checks the script, measures nothing
+#   scripts/gpu-bench.sh --dry-run [OUT]  # the same steps on a CPU, tiny (one precision per backend):
+#                                         # checks the script, measures nothing
 # Environment: PY (python, default python3), BATCH (default 128), STEPS ("warmup window windows",
 # default "5 10 3").
 set -euo pipefail
@@ -71,10 +72,16 @@ bench() {  # backend precision [extra options]: one bench-train, its JSON in OUT
 }
 
 # Native torchvision is timed beside keras-torch only (the same figure would come again with jax).
-bench torch float32
-bench torch mixed_bfloat16
-bench jax float32 --no-native
-bench jax mixed_bfloat16 --no-native
+# The dry run checks each command once (one precision per backend), not every figure.
+if [ $DRY = 1 ]; then
+  bench torch float32
+  bench jax mixed_bfloat16 --no-native
+else
+  bench torch float32
+  bench torch mixed_bfloat16
+  bench jax float32 --no-native
+  bench jax mixed_bfloat16 --no-native
+fi
 
 step "bench-pipeline --workers $WORKERS"
 $PY cli.py bench-pipeline --data-dir "$DATA" --image-size $SIZE --workers "$WORKERS" --no-baseline \

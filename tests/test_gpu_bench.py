@@ -23,8 +23,9 @@ def test_the_gpu_check_runs_every_step_and_writes_its_summary(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "failed" not in log, log[-3000:]
-    for backend, precision, native in (("torch", "float32", True), ("torch", "mixed_bfloat16", True),
-                                       ("jax", "float32", False), ("jax", "mixed_bfloat16", False)):
+    assert sorted(p.name for p in out.glob("bench-*.json")) == ["bench-jax-mixed_bfloat16.json",
+                                                               "bench-torch-float32.json"]
+    for backend, precision, native in (("torch", "float32", True), ("jax", "mixed_bfloat16", False)):
         report = json.loads((out / f"bench-{backend}-{precision}.json").read_text())
         assert report["backend"] == backend and report["settings"]["precision"] == precision
         assert sorted(report["results"]) == sorted(["keras-fit", "keras-step"] + ["torchvision"] * native)
@@ -33,6 +34,6 @@ def test_the_gpu_check_runs_every_step_and_writes_its_summary(tmp_path):
     assert json.loads((out / "parity" / "parity.json").read_text())["passed"] is True
     assert json.loads((out / "train-torch" / "metrics.json").read_text())["epochs"] == 2
     summary = (out / "gpu-bench.md").read_text()
-    assert summary.count("| torch |") == 6 and summary.count("| jax |") == 4 and "2-epoch demo train" in summary
+    assert summary.count("| torch |") == 3 and summary.count("| jax |") == 2 and "2-epoch demo train" in summary
     environment = (out / "environment.txt").read_text()
     assert "keras 3." in environment and "torch " in environment and "cpu cores:" in environment
