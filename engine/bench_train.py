@@ -56,6 +56,11 @@ class BenchSettings:
     def steps(self) -> int:
         return self.warmup_steps + self.window_steps * self.windows
 
+    def closes_window(self, steps_done: int) -> bool:
+        """Whether a timing window starts or ends after `steps_done` steps: there the loop waits
+        for the device, so the clock reads finished work, not queued work."""
+        return steps_done % self.window_steps == self.warmup_steps % self.window_steps
+
 
 def window_rates(step_ends: list[float], settings: BenchSettings) -> list[float]:
     """Images per second in each timed window, from the time each step ended (`step_ends[i]`:
@@ -93,16 +98,14 @@ def _keras_batches(mode: str, settings: BenchSettings, data_dir: str):
     import keras
 
     from data.discovery import discover
-    from data.loader import DecodedCache, scan_examples
-    from engine.train import training_batches
+    from engine.train import scanned_training_batches
 
     cfg = _train_config(settings, data_dir)
     _, examples, _, _ = discover(data_dir)
-    cache = DecodedCache()
-    examples, _ = scan_examples(examples, cfg.image_size, cache, cfg.workers)  # the cache a run's epoch 2 has
-    batches = training_batches(cfg, examples, cache)
+    batches = scanned_training_batches(cfg, examples)  # decoded into the cache, as a run's epoch 2 has it
     if len(batches) < settings.steps:
-        raise ValueError(f"{len(examples)} images give {len(batches)} batches; the benchmark needs {settings.steps}")
+        raise ValueError(f"{len(batches.examples)} images give {len(batches)} batches; the benchmark needs "
+                         f"{settings.steps}")
     if mode == KERAS_FIT:
         return cfg, batches
     images, labels = batches.batch(0, 0)
@@ -134,8 +137,8 @@ def run_keras(mode: str, settings: BenchSettings, data_dir: str) -> dict:
 
     class StepClock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % settings.window_steps == settings.warmup_steps % settings.window_steps:
-                keras.ops.convert_to_numpy(logs["loss"])  # wait for the device at a window's edge
+            if settings.closes_window(batch + 1):
+                keras.ops.convert_to_numpy(logs["loss"])  # wait for the device
             step_ends.extend([time.perf_counter()] * (batch + 1 - len(step_ends)))  # steps_per_execution > 1
 
     model.fit(batches, epochs=1, steps_per_epoch=settings.steps, callbacks=[StepClock()], verbose=0)
@@ -170,16 +173,16 @@ def run_torchvision(settings: BenchSettings) -> dict:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        if (i + 1) % settings.window_steps == settings.warmup_steps % settings.window_steps:
-            loss.item()  # wait for the device at a window's edge
+        if settings.closes_window(i + 1):
+            loss.item()  # wait for the device
         step_ends.append(time.perf_counter())
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         devices = [torch.cuda.get_device_name(0)]
     else:
-        import resource
+        from engine.backend import peak_memory_mb  # imports no framework
 
-        peak, devices = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ["cpu"]
+        peak, devices = peak_memory_mb(), ["cpu"]
     return summarize(step_ends, settings, peak, torch_compile=settings.torch_compile, devices=devices,
                      versions={"torch": torch.__version__, "torchvision": torchvision.__version__})
 

@@ -130,7 +130,7 @@ class EvenBatches(keras.utils.PyDataset):
         images, labels = self.batches[index]
         pad = -len(labels) % self.devices
         weights = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
-        last = np.repeat(np.arange(len(labels) - 1, len(labels)), pad)
+        last = np.full(pad, len(labels) - 1)
         return (np.concatenate([images, images[last]]), np.concatenate([labels, labels[last]]), weights)
 
     def on_epoch_end(self) -> None:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from data.markdown import markdown_table
+from engine.backend import peak_memory_mb  # stdlib only: no framework in this parent
 
 
 def _timed_epochs(iterate_epoch, epochs: int) -> list[dict]:
@@ -69,12 +70,6 @@ def run_tfdata(data_dir: str, image_size: int, batch_size: int, epochs: int, wor
     return _timed_epochs(lambda e: (x for x, _ in dataset.as_numpy_iterator()), epochs)
 
 
-def _peak_memory_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(side: str, data_dir: str, image_size: int, batch_size: int, epochs: int, workers: int) -> dict:
     """Runs one side in a fresh process and returns its epochs and peak memory."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -98,7 +93,7 @@ def run_side(request: str) -> None:
     args = json.loads(request)
     run = run_ours if args["side"] == "ours" else run_tfdata
     epochs = run(args["data_dir"], args["image_size"], args["batch_size"], args["epochs"], args["workers"])
-    print(json.dumps({"side": args["side"], "epochs": epochs, "peak_memory_mb": _peak_memory_mb()}))
+    print(json.dumps({"side": args["side"], "epochs": epochs, "peak_memory_mb": peak_memory_mb()}))
 
 
 def warm_file_cache(data_dir: str) -> int:

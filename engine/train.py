@@ -94,11 +94,12 @@ def training_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCa
     )
 
 
-def scanned_training_batches(cfg: TrainConfig) -> MRIBatches:
-    """`training_batches` of `cfg.data_dir`'s training split, unreadable files left out."""
-    splits = cfg.splits()
+def scanned_training_batches(cfg: TrainConfig, examples: list[Example] | None = None) -> MRIBatches:
+    """`training_batches` of `examples` (default: `cfg.data_dir`'s training split), decoded once
+    into the cache, unreadable files left out."""
     cache = DecodedCache() if cfg.cache else None
-    examples, _ = scan_examples(splits.train, cfg.image_size, cache, cfg.workers)
+    examples, _ = scan_examples(cfg.splits().train if examples is None else examples, cfg.image_size, cache,
+                                cfg.workers)
     return training_batches(cfg, examples, cache)
 
 
@@ -495,9 +496,7 @@ def _run_in_step(cfg: TrainConfig, checked: Preflight, resume: bool) -> dict:
     if cfg.deterministic:
         enable_determinism()
     model = build_run_model(cfg, len(checked.splits.classes), resume, None)
-    cache = DecodedCache() if cfg.cache else None
-    examples, _ = scan_examples(checked.splits.train, cfg.image_size, cache, cfg.workers)
-    batches = training_batches(cfg, examples, cache)
+    batches = scanned_training_batches(cfg, checked.splits.train)
     last = Path(cfg.out) / LAST if resume else None
     fit_phases(model, plan_phases(cfg), distribute.for_training(batches), None,
                [*distribute.replica_callbacks(model), EpochSync(batches)], None, verbose=0, log=lambda _: None,
