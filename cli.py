@@ -128,12 +128,15 @@ def _train(options: dict) -> None:
     from engine.backend import data_parallel_environment
 
     os.environ.update(data_parallel_environment(cfg.devices))  # jax on a CPU: N host devices, set before jax starts
-    from engine.train import DivergedError, RunStoppedError, run_training
+    from engine.train import DivergedError, RunInterruptedError, RunStoppedError, run_training
 
     try:
         run_training(cfg, checked, resume=bool(resume))
     except (DivergedError, RunStoppedError) as e:
         raise click.ClickException(str(e)) from None
+    except RunInterruptedError as e:  # the shell's code for a signal (130, 143), one line
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
 
 
 def _resumed_config(run_dir: str, options: dict) -> TrainConfig | None:

@@ -2,7 +2,8 @@
 
 Pillow and NumPy only (no backend ops), so the bytes are the same whichever
 Keras backend is active. Float images are scaled from their actual range and
-16-bit ones by their real bit depth; such a rescaling is reported in `notes`.
+16-bit ones by their real bit depth, and an EXIF orientation is applied (the
+image is read as a viewer shows it); each is reported in `notes`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
@@ -21,6 +22,17 @@ _BIT_DEPTHS = (8, 10, 12, 14, 16)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Smaller images hold no anatomy (a 1x1 "image" is a broken export): refused, not upscaled.
 MIN_SIDE = 8
+_ORIENTATION_TAG = 0x0112
+# What `ImageOps.exif_transpose` does for each EXIF Orientation value (1: already upright).
+_ORIENTATIONS = {
+    2: "mirrored left-right",
+    3: "rotated 180°",
+    4: "mirrored top-bottom",
+    5: "mirrored across the top-left to bottom-right diagonal",
+    6: "rotated 90° clockwise",
+    7: "mirrored across the top-right to bottom-left diagonal",
+    8: "rotated 90° counter-clockwise",
+}
 
 
 class DecodeError(ValueError):
@@ -123,11 +135,27 @@ def _flatten_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
+def _upright(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """Applies an EXIF Orientation tag: `(image as a viewer shows it, note or None)`.
+
+    Cameras and phones store the sensor's pixels and a tag saying how to turn them;
+    every viewer applies it, so a model fed the raw pixels sees a sideways or mirrored
+    scan that no person ever looked at. Values 2..8 turn the image; any other (1, or a
+    malformed tag) leaves it as stored, as viewers do.
+    """
+    orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+    if not isinstance(orientation, int) or orientation not in _ORIENTATIONS:
+        return img, None
+    upright = ImageOps.exif_transpose(img)
+    return upright, f"EXIF orientation {orientation}: {_ORIENTATIONS[orientation]} to upright (as a viewer shows it)"
+
+
 def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, str]:
     """Opens and decodes an image file at its own size: `(L or RGB image, original mode)`.
 
-    When the pixel values had to be rescaled (a float image, or a 16-bit one not using
-    its full range), one line saying what was found and done is appended to `notes`.
+    An EXIF orientation is applied first. When the image was turned that way, or its pixel
+    values had to be rescaled (a float image, or a 16-bit one not using its full range),
+    one line saying what was found and done is appended to `notes` for each.
     Raises `DecodeError` with the reason when the file cannot be read.
     """
     if os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -142,6 +170,7 @@ def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, 
                                   f"{pixels} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
             img.load()
             mode = img.mode
+            img, turned = _upright(img)
             img, note = _flatten(img)
     except DecodeError:
         raise
@@ -151,8 +180,8 @@ def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, 
         raise DecodeError(f"cannot decode: {e}") from None
     if min(img.size) < MIN_SIDE:
         raise DecodeError(f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_SIDE} px on a side")
-    if note is not None and notes is not None:  # only for an image that is kept
-        notes.append(note)
+    if notes is not None:  # only for an image that is kept
+        notes += [n for n in (turned, note) if n is not None]
     return img, mode
 
 
@@ -160,9 +189,9 @@ def decode_and_resize(path: str, size: int, notes: list[str] | None = None) -> n
     """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
 
     Grayscale images are resized in one channel and repeated, which gives the
-    same bytes as resizing their RGB conversion. A rescaling of pixel values is
-    reported in `notes`, as in `read_image`. Raises `DecodeError` with the
-    reason when the file cannot be read.
+    same bytes as resizing their RGB conversion. An EXIF orientation applied or a
+    rescaling of pixel values is reported in `notes`, as in `read_image`. Raises
+    `DecodeError` with the reason when the file cannot be read.
     """
     img, _ = read_image(path, notes)
     if img.size != (size, size):

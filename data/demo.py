@@ -11,18 +11,32 @@ ventricles, and one class-dependent structure:
 
 Files are a mix of grayscale and RGB JPEGs and a few PNGs, at several sizes,
 as in the real dataset.
+
+It writes only into an empty or new folder, and marks what it wrote with `.demo-data.json`
+(its parameters and every file and folder it made): a real dataset given by mistake is
+never written into, and `replace=True` removes only a marked folder's own files.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from errors import UserInputError
+
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SIZES = (96, 128, 160)
+SPLITS = ("Training", "Testing")
+MARKER = ".demo-data.json"
 _DEMO_TAG = 0x4445
+
+
+class DemoDataError(UserInputError, ValueError):
+    """An OUT_DIR that make-demo-data will not write into: one line, nothing written."""
 
 
 def _ellipse(xx, yy, cx, cy, ax, ay, angle=0.0):
@@ -82,13 +96,18 @@ def phantom(rng: np.random.Generator, class_name: str, size: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def _file_name(class_name: str, index: int) -> str:
+    """Image `index`'s file name: every 7th, from the 4th, a PNG (the real data mix formats)."""
+    return f"{class_name}_{index:04d}{'.png' if index % 7 == 3 else '.jpg'}"
+
+
 def _save(pixels: np.ndarray, path: Path, index: int) -> Path:
+    """Odd `index`: RGB; the format follows `path`'s suffix."""
     if index % 2:  # RGB with a faint tint, as some scans in the real data are
         tint = np.array([1.0, 0.97, 1.02], np.float32)
         pixels = np.clip(pixels[..., None] * tint, 0, 255).astype(np.uint8)
     image = Image.fromarray(pixels)
-    if index % 7 == 3:
-        path = path.with_suffix(".png")
+    if path.suffix == ".png":
         image.save(path)
     else:
         image.save(path, quality=92)
@@ -96,18 +115,106 @@ def _save(pixels: np.ndarray, path: Path, index: int) -> Path:
 
 
 def make_demo_data(
-    out_dir: str | Path, train_per_class: int = 40, test_per_class: int = 10, seed: int = 0
+    out_dir: str | Path, train_per_class: int = 40, test_per_class: int = 10, seed: int = 0,
+    replace: bool = False,
 ) -> dict[str, int]:
-    """Writes `Training/` and `Testing/` under `out_dir`; returns file counts per split."""
+    """Writes `Training/` and `Testing/` under `out_dir`; returns file counts per split.
+
+    `out_dir` must be new or empty (raises `DemoDataError` otherwise); with `replace=True` it
+    may also be a demo dataset written here before, whose listed files are removed first."""
     out = Path(out_dir)
-    counts = {}
-    for split_index, (split, n) in enumerate((("Training", train_per_class), ("Testing", test_per_class))):
+    per_split = dict(zip(SPLITS, (train_per_class, test_per_class), strict=True))
+    if replace and (out / MARKER).exists():
+        _remove_demo_data(out)
+    else:
+        _check_empty(out, replace)
+    folders = [f"{split}/{name}" for split in SPLITS for name in CLASSES]
+    files = [f"{split}/{name}/{_file_name(name, i)}" for split in SPLITS for name in CLASSES for i in range(per_split[split])]
+    # The marker comes first, listing what is about to be written: a run cut short still
+    # leaves a folder that `replace=True` recognises and can clean.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, {"made_by": "make-demo-data", "seed": seed, "train_per_class": train_per_class,
+                        "test_per_class": test_per_class, "sizes": list(SIZES), "classes": list(CLASSES),
+                        "folders": [*SPLITS, *folders], "files": files})
+    for split_index, split in enumerate(SPLITS):
         for class_index, name in enumerate(CLASSES):
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
+            for i in range(per_split[split]):
                 rng = np.random.default_rng([_DEMO_TAG, seed, split_index, class_index, i])
                 size = SIZES[int(rng.integers(len(SIZES)))]
-                _save(phantom(rng, name, size), folder / f"{name}_{i:04d}.jpg", i)
-        counts[split] = n * len(CLASSES)
-    return counts
+                _save(phantom(rng, name, size), folder / _file_name(name, i), i)
+    return {split: n * len(CLASSES) for split, n in per_split.items()}
+
+
+def _check_empty(out: Path, replace: bool) -> None:
+    """Refuses an `out` that exists and is not an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise DemoDataError(f"demo-data: {out} is a file, not a folder; choose an empty or new folder")
+    entries = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if MARKER in entries:
+        raise DemoDataError(f"demo-data: {out} already holds a demo dataset made by make-demo-data; "
+                            "--replace replaces it, or choose an empty or new folder")
+    found = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, e.g. {', '.join(entries[:3])}"
+    if replace:
+        raise DemoDataError(f"demo-data: {out} is not empty and not a demo dataset made by make-demo-data "
+                            f"({found}; no {MARKER}); choose an empty or new folder")
+    raise DemoDataError(f"demo-data: {out} is not empty ({found}); choose an empty or new folder "
+                        "(--replace replaces only a demo dataset made by make-demo-data)")
+
+
+def _read_marker(out: Path) -> tuple[set[str], set[str]]:
+    """The files and folders a previous run listed in `out`'s marker."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        files, folders = set(marker["files"]), set(marker["folders"])
+        if not all(isinstance(p, str) for p in files | folders):
+            raise TypeError("a listed path is not a string")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DemoDataError(f"demo-data: {out / MARKER} is not readable ({e}); nothing was replaced, "
+                            "choose an empty or new folder") from None
+    return files, folders
+
+
+def _entries(root: Path, relative: str = "") -> list[tuple[str, os.DirEntry]]:
+    """Every entry under `root` as (path relative to it, entry), folders before their contents;
+    symbolic links are listed, not followed."""
+    found = []
+    with os.scandir(root / relative if relative else root) as scan:
+        for entry in sorted(scan, key=lambda e: e.name):
+            path = f"{relative}/{entry.name}" if relative else entry.name
+            found.append((path, entry))
+            if entry.is_dir(follow_symlinks=False):
+                found += _entries(root, path)
+    return found
+
+
+def _remove_demo_data(out: Path) -> None:
+    """Removes a previous demo dataset: the files and folders its marker lists, after checking
+    that the folder holds nothing else (a file the user added, a link): that refuses instead."""
+    files, folders = _read_marker(out)
+    entries = [(path, entry) for path, entry in _entries(out) if path != MARKER]
+    for path, entry in entries:
+        is_ours = (path in folders if entry.is_dir(follow_symlinks=False)
+                   else path in files and entry.is_file(follow_symlinks=False))
+        if not is_ours:
+            raise DemoDataError(f"demo-data: {out} holds {path}, which make-demo-data did not write; "
+                                "nothing was replaced (move it out, or choose an empty or new folder)")
+    # Only what was found inside `out`: a listed path that points elsewhere is never touched.
+    for entry in [e for _, e in entries if not e.is_dir(follow_symlinks=False)]:
+        os.unlink(entry.path)
+    for entry in [e for _, e in reversed(entries) if e.is_dir(follow_symlinks=False)]:  # deepest first
+        os.rmdir(entry.path)
+    (out / MARKER).unlink()
+
+
+def _write_marker(out: Path, marker: dict) -> None:
+    """The marker, written whole (a temporary file renamed over it)."""
+    tmp = out / f".tmp-{MARKER}"
+    try:
+        tmp.write_text(json.dumps(marker, indent=1) + "\n")
+        os.replace(tmp, out / MARKER)
+    finally:
+        tmp.unlink(missing_ok=True)

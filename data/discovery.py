@@ -2,12 +2,14 @@
 
 The layout is `<data_dir>/Training/<class>/*` and, optionally,
 `<data_dir>/Testing/<class>/*` (listed by `data.layout`). Classes are the sorted
-class-folder names and must be the same in both splits.
+class-folder names and must be the same in both splits, compared in Unicode NFC
+(`tumör` written with a combining umlaut, as macOS stores it, is the class `tumör`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +74,46 @@ class Splits:
         }
 
 
+def _nfc_classes(files: dict[str, list[str]], split: str) -> dict[str, list[str]]:
+    """The class folders of one split by the NFC form of their names (the files keep the real
+    paths on disk). Unzipping on macOS or copying through it can leave one split's names
+    decomposed (NFD) and the other's composed: the same name to a user, different strings."""
+    by_name: dict[str, list[str]] = {}
+    for name, paths in files.items():
+        nfc = unicodedata.normalize("NFC", name)
+        if nfc in by_name:
+            same = [_spelled(n) for n in files if unicodedata.normalize("NFC", n) == nfc]
+            raise DatasetError(f"{split}/ has two class folders with the same name in different Unicode forms "
+                               f"({', '.join(same)}): rename one")
+        by_name[nfc] = paths
+    return by_name
+
+
+def _spelled(name: str) -> str:
+    """A name as a user can tell it apart: quoted (a trailing space shows), and when it holds
+    anything but printable ASCII, also with each such character as its code point (a look-alike
+    Cyrillic letter, an accent, a zero-width space: invisible in the name itself)."""
+    if name.isascii() and name.isprintable():
+        return repr(name)
+    escaped = "".join(c if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" for c in name)
+    return f"{name!r} (as code points: '{escaped}')"
+
+
+def _class_mismatch(classes: list[str], test_classes: list[str]) -> DatasetError:
+    """The error for Training/ and Testing/ class folders that differ, naming the names in one only."""
+    only = [
+        f"only in {split}/: {', '.join(_spelled(n) for n in sorted(set(mine) - set(other)))}"
+        for split, mine, other in ((TRAIN_DIR, classes, test_classes), (TEST_DIR, test_classes, classes))
+        if set(mine) - set(other)
+    ]
+    return DatasetError(f"class folders differ between {TRAIN_DIR}/ {classes} and {TEST_DIR}/ {test_classes}: "
+                        f"{'; '.join(only)}")
+
+
 def discover(data_dir: str | Path) -> tuple[list[str], list[Example], list[Example] | None, list[str]]:
     """Finds the classes and the Training (and Testing, if present) examples.
 
-    Returns `(classes, train, test_or_None, ignored_files)`.
+    Returns `(classes, train, test_or_None, ignored_files)`; class names are in NFC.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -86,17 +124,16 @@ def discover(data_dir: str | Path) -> tuple[list[str], list[Example], list[Examp
             f"{root} has no {TRAIN_DIR}/ folder (expected {root}/{TRAIN_DIR}/<class>/*.jpg)"
         )
     train_files, ignored = list_split(train_dir)
+    train_files = _nfc_classes(train_files, TRAIN_DIR)
     classes = sorted(train_files)
     test_files = None
     test_dir = root / TEST_DIR
     if test_dir.is_dir():
         test_files, test_ignored = list_split(test_dir)
         ignored += test_ignored
+        test_files = _nfc_classes(test_files, TEST_DIR)
         if sorted(test_files) != classes:
-            raise DatasetError(
-                f"class folders differ between {TRAIN_DIR}/ {classes} and "
-                f"{TEST_DIR}/ {sorted(test_files)}"
-            )
+            raise _class_mismatch(classes, sorted(test_files))
 
     def examples(files: dict[str, list[str]]) -> list[Example]:
         return [Example(p, i) for i, c in enumerate(classes) for p in files[c]]

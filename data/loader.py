@@ -34,6 +34,7 @@ import numpy as np
 from data.augment import AugmentConfig, augment_image, example_rng, normalize
 from data.decode import DecodeError, decode_and_resize
 from data.discovery import Example
+from data.fingerprint import Digest, file_digest
 
 _SHUFFLE_TAG = 0x5348
 
@@ -66,16 +67,20 @@ def scan_examples(
     workers: int = 2,
     progress: Callable[[int], None] | None = None,
     notes: list[tuple[str, str]] | None = None,
+    digests: dict[str, Digest] | None = None,
 ) -> tuple[list[Example], list[tuple[str, str]]]:
     """Decodes every example once, before training, and drops the unreadable ones.
 
     Returns `(readable_examples, [(path, reason), ...])`. With a cache, this is
     also the cold pass that fills it, so no decode is wasted. `notes` gets a
     `(path, note)` for each image whose values the decoder rescaled (a float or a
-    12-bit image: see `data.decode`).
+    12-bit image: see `data.decode`). `digests` gets each file's size and SHA-256
+    (`data.fingerprint`), read in the same pass: the run's record of its data.
     """
     def load(example: Example) -> tuple[str | None, list[str]]:
         found: list[str] = []
+        if digests is not None:  # the bytes come from the page cache when Pillow reads them next
+            digests[example.path] = file_digest(example.path)
         try:
             if cache is not None:
                 cache.get(example.path, image_size, found)

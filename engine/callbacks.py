@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -179,3 +183,65 @@ def load_model_weights(model: keras.Model, path: Path) -> None:
     """Loads a weights file's model variables, leaving the compiled optimizer as it is."""
     objects_to_skip = [model.optimizer] if model.optimizer is not None else None
     model.load_weights(path, objects_to_skip=objects_to_skip)
+
+
+class SignalStopError(Exception):
+    """SIGINT or SIGTERM stopped the run; the last finished epoch's checkpoint is whole."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalStop(keras.callbacks.Callback):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler, `kill`) end a run at a safe point instead of
+    wherever the signal lands: inside `fit` the first one is noted and training stops at the end
+    of the batch or epoch it arrived in, after that epoch's checkpoint is written, so no file is
+    left half-written; outside `fit` (decoding, the final evaluation) it stops at once, since
+    every run file is written through `atomic_write` there. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signum: int | None = None
+        self.deferred = False  # True while fit runs: the callback methods raise at safe points
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SignalStop]:
+        """The handlers, for the block's duration (only the main thread can install them)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not (first and self.deferred):
+            raise SignalStopError(signum)
+
+    def _stop_if_signalled(self) -> None:
+        if self.signum is not None:
+            raise SignalStopError(self.signum)
+
+    def on_train_begin(self, logs=None):
+        self.deferred = True
+        self._stop_if_signalled()
+
+    def on_train_end(self, logs=None):
+        self.deferred = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stop_if_signalled()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._stop_if_signalled()
+
+    def on_epoch_end(self, epoch, logs=None):  # placed after the checkpoints: that epoch is kept
+        self._stop_if_signalled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import DatasetError, Splits, make_splits
 from engine.backend import data_parallel_launch_error, process_rank, selected_backend
 from engine.options import FloatPair, PositiveFloat, option
-from engine.rundir import claim_run_dir, prepare_run_dir
+from engine.rundir import claim_run_dir, reopen_run_dir
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, MODELS, PRECISIONS, ModelSpec
 from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
@@ -41,7 +42,7 @@ class TrainConfig:
     data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*); required unless "
                            "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
-    image_size: int = option(224, "Square input side in pixels.", type=click.IntRange(32), group=DATA)
+    image_size: int = option(224, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
     batch_size: int = option(32, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
@@ -232,9 +233,10 @@ IMBALANCE_REPORTED = 10.0
 
 def check_splits(cfg: TrainConfig, splits: Splits) -> list[str]:
     """Refuses data that cannot make a meaningful run, saying what was found: fewer than two
-    classes (often --data-dir one level off) or a class too small to train on. (A split cannot
-    be left without a class: `stratified_split` gives each class of two or more images at
-    least one on both sides.) Returns notes to report (class imbalance)."""
+    classes (often --data-dir one level off), a class too small to train on, or more decoded
+    images than memory holds (`check_memory`). (A split cannot be left without a class:
+    `stratified_split` gives each class of two or more images at least one on both sides.)
+    Returns notes to report (what was ignored, memory that is short now, class imbalance)."""
     if len(splits.classes) < 2:
         found = f"{len(splits.classes)} class folder{'s' if len(splits.classes) != 1 else ''} " \
                 f"({', '.join(splits.classes)}) under {Path(cfg.data_dir) / 'Training'}"
@@ -245,9 +247,94 @@ def check_splits(cfg: TrainConfig, splits: Splits) -> list[str]:
     if small:
         raise DatasetError(f"class {', '.join(small)} has fewer than {MIN_TRAIN_IMAGES_PER_CLASS} training images "
                            f"(per class: {dict(zip(splits.classes, counts['train'], strict=True))})")
+    notes = [note for note in (ignored_note(cfg, splits), check_memory(cfg, splits)) if note]
     ratio = max(counts["train"]) / min(counts["train"])
-    return [f"class imbalance: the largest training class has {ratio:.1f}x the images of the smallest "
-            f"({dict(zip(splits.classes, counts['train'], strict=True))})"] if ratio > IMBALANCE_REPORTED else []
+    if ratio > IMBALANCE_REPORTED:
+        notes.append(f"class imbalance: the largest training class has {ratio:.1f}x the images of the smallest "
+                     f"({dict(zip(splits.classes, counts['train'], strict=True))})")
+    return notes
+
+
+# How many ignored non-image files a note names (config.json lists them all).
+IGNORED_NAMED = 3
+
+
+def ignored_note(cfg: TrainConfig, splits: Splits) -> str | None:
+    """What discovery passed over, said on the console and not only in config.json: a symlinked
+    folder left out silently loses a class's images, and a stray file may be a misnamed image."""
+    def shown(path: str) -> str:
+        with contextlib.suppress(ValueError):  # relative to --data-dir, as a user looks for it
+            return str(Path(path).relative_to(cfg.data_dir)) + ("/" if path.endswith("/") else "")
+        return path
+
+    links = [shown(p) for p in splits.ignored if p.endswith("/")]
+    files = [shown(p) for p in splits.ignored if not p.endswith("/")]
+    parts = []
+    if links:
+        parts.append(f"{_count(len(links), 'symlinked folder')} (not followed): {', '.join(links)}")
+    if files:
+        more = f", ... ({len(files) - IGNORED_NAMED} more, all in config.json)" if len(files) > IGNORED_NAMED else ""
+        parts.append(f"{_count(len(files), 'non-image file')}: {', '.join(files[:IGNORED_NAMED])}{more}")
+    return f"ignored {'; '.join(parts)}" if parts else None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _size(n_bytes: int) -> str:
+    """Bytes as a person reads them: `12.3 GiB`, or `45.6 MiB` under a GiB."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def memory_estimate(cfg: TrainConfig, n_images: int) -> tuple[int, int]:
+    """Bytes the run's images take at the least: `(decoded cache, float32 batches in flight)`.
+
+    The cache holds every image as uint8, `n * size^2 * 3` (0 with --no-cache); the batches are
+    the one training, the one being built and the --workers prefetched, `size^2 * 3` float32
+    values per image. The model, its activations and the backend come on top: this is a lower
+    bound, so a refusal on it never turns away a run that would fit.
+    """
+    pixels = cfg.image_size * cfg.image_size * 3
+    return n_images * pixels if cfg.cache else 0, (cfg.workers + 2) * cfg.batch_size * pixels * 4
+
+
+def physical_memory() -> int | None:
+    """The machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes: what can be had now without swapping (None off Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def check_memory(cfg: TrainConfig, splits: Splits) -> str | None:
+    """Refuses a run whose images cannot fit in this machine's RAM, before hours of decoding end in
+    a swap storm or the OOM killer. The refusal compares with physical memory, which does not
+    change: a run over it can never fit. Memory available now (MemAvailable) moves as other jobs
+    start and end, so falling short of it only gives a note: a refusal on it would be a guess."""
+    n_images = len(splits.train) + len(splits.val) + len(splits.test)
+    cache, batches = memory_estimate(cfg, n_images)
+    need = cache + batches
+    parts = f"{_size(cache)} decoded cache + " if cfg.cache else ""
+    what = (f"{n_images} images at --image-size {cfg.image_size} need about {_size(need)} "
+            f"({parts}{_size(batches)} of float32 batches in flight)")
+    lower = "lower --image-size, or give --no-cache" if cfg.cache else "lower --image-size or --batch-size"
+    total = physical_memory()
+    if total is not None and need > total:
+        raise ConfigError(f"{what}, more than this machine's {_size(total)} of memory: {lower}")
+    available = available_memory()
+    if available is not None and need > available:
+        return f"{what}, more than the {_size(available)} of memory available now; {lower} if the run swaps"
+    return None
 
 
 @dataclasses.dataclass
@@ -291,9 +378,9 @@ def preflight(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -
             check_weights_file(Path(cfg.init_weights), "--init-weights file")
     created = not resume and not (cfg.out and Path(cfg.out).exists())
     if resume:
-        run_dir = prepare_run_dir(cfg.out, selected_backend(), cfg.runs_root)
+        run_dir = reopen_run_dir(cfg.out, cfg.data_dir, notes)
     else:  # never into another run's files: refused, or emptied first with --overwrite
-        run_dir = claim_run_dir(cfg.out, selected_backend(), cfg.runs_root, overwrite)
+        run_dir = claim_run_dir(cfg.out, selected_backend(), cfg.runs_root, overwrite, cfg.data_dir, notes)
     checked = Preflight(run_dir, splits, notes, created)
     if cfg.finds_twins:  # decodes every image: only once everything else is known to be fine
         with checked.undone_on_input_errors():

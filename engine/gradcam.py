@@ -19,6 +19,7 @@ from data.decode import decode_and_resize
 from engine.backend import outputs_and_input_gradients
 from engine.inference import TrainedRun, read_images
 from engine.metrics import softmax
+from engine.rundir import spreadsheet_safe
 from model.structure import activation_points
 
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, whatever the model's input size
@@ -109,5 +110,5 @@ def explain_files(run: TrainedRun, paths: list[str], out_dir: Path, class_name: 
     with open(out_dir / "gradcam.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["path"])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)  # file names are text
     return rows

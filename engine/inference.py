@@ -17,8 +17,8 @@ from data.decode import DecodeError, decode_and_resize
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from data.markdown import markdown_table
 from engine.metrics import softmax
-from engine.resume import recorded_data_dir
-from engine.rundir import RunError, check_run_files
+from engine.resume import check_run_data, recorded_data_dir
+from engine.rundir import RunError, check_run_files, spreadsheet_safe
 
 PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
@@ -108,6 +108,7 @@ def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> 
     folder of `data_dir` (e.g. `Testing`). Returns `(examples, description)`."""
     data_dir = Path(data_dir or recorded_data_dir(run.config))
     if split in SPLITS:
+        check_run_data(run.run_dir, run.config, data_dir)  # the same files, before any is decoded
         opts = run.options
         # --dedup changes what is left of the training pool, never the test split.
         dedup = bool(opts.get("dedup")) and split != "test"
@@ -221,8 +222,10 @@ def write_predictions_csv(rows: list[Prediction], classes: list[str], path: str 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "predicted", "confidence", *(f"p_{c}" for c in classes), "low_confidence", "error"])
+        writer.writerow([spreadsheet_safe(c) for c in
+                         ("path", "predicted", "confidence", *(f"p_{c}" for c in classes), "low_confidence", "error")])
         for r in rows:
             probs = [f"{p:.6f}" for p in r.probabilities] if r.probabilities else [""] * len(classes)
             confidence = "" if r.confidence is None else f"{r.confidence:.6f}"
-            writer.writerow([r.path, r.predicted or "", confidence, *probs, int(r.low_confidence), r.error or ""])
+            writer.writerow([spreadsheet_safe(cell) for cell in
+                             (r.path, r.predicted or "", confidence, *probs, int(r.low_confidence), r.error or "")])

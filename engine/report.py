@@ -2,11 +2,16 @@
 
 Everything is inlined (plots and Grad-CAM overlays as base64 PNGs, no scripts, no
 external files), so the page can be mailed or archived as it is. Plots use matplotlib.
+
+Only config.json is required. A run file the page is built from that is missing or cannot be
+read (history.csv, metrics.json, eval-*.json, stability.png) gives a visible note in its
+section, with the reason, instead of a traceback: the rest of the page is still worth having.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
@@ -19,7 +24,7 @@ import numpy as np
 from markdown_it import MarkdownIt
 
 from engine.metrics import result_rows, results_row
-from engine.rundir import atomic_write, read_history
+from engine.rundir import RunError, atomic_write, read_history
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -40,6 +45,31 @@ pre { padding: .6rem; overflow-x: auto; } .note { color: #6b5200; background: #f
 
 def _esc(value) -> str:
     return html.escape(str(value))
+
+
+def _reason(error: Exception) -> str:
+    """An exception as a short reason on one line (a KeyError: which field is missing)."""
+    if isinstance(error, KeyError):
+        return f"no {error.args[0]!r} field" if error.args else "a field is missing"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def file_note(name: str, consequence: str, error: Exception | None = None) -> str:
+    """A visible note for a run file the page could not use: missing, or why it was not readable."""
+    state = "is missing" if error is None else f"is not readable ({_reason(error)})"
+    return f'<p class="note">{_esc(f"{name} {state}: {consequence}.")}</p>'
+
+
+# What reading and using a run file can raise when it is garbage, cut short, or of another shape.
+UNREADABLE = (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, csv.Error)
+
+
+def _read_json(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _cell(value) -> str:
@@ -188,25 +218,39 @@ def per_class_section(report: dict, classes: list[str]) -> str:
     return table(["Class", "Precision", "Recall", "F1", "ROC-AUC", "Support"], rows)
 
 
+def _read_evaluation(path: Path) -> dict:
+    """One eval-*.json with its table row and probabilities taken out (raises on any part missing)."""
+    r = _read_json(path)
+    r["row"] = [path.name, r["backend"], r["split"], r["checkpoint"], r["count"], r["accuracy"], r["loss"],
+                r["macro_f1"], r.get("macro_roc_auc")]
+    r["probs"] = np.array([p["probabilities"] for p in r["predictions"]], dtype=float)
+    return r
+
+
 def evaluations_section(run_dir: Path) -> str:
-    """The `evaluate` results found in the run directory, and how far backends agree."""
-    reports = {p.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("eval-*.json"))}
+    """The `evaluate` results found in the run directory, and how far backends agree; a file
+    that cannot be read is named in a note and left out."""
+    reports, notes = {}, ""
+    for path in sorted(run_dir.glob("eval-*.json")):
+        try:
+            reports[path.name] = _read_evaluation(path)
+        except UNREADABLE as e:
+            notes += file_note(path.name, "left out of this section", e)
     if not reports:
-        return '<p class="note">No evaluate results yet (python cli.py evaluate RUN_DIR under any backend).</p>'
-    rows = [[name, r["backend"], r["split"], r["checkpoint"], r["count"], r["accuracy"], r["loss"], r["macro_f1"],
-             r.get("macro_roc_auc")] for name, r in reports.items()]
-    html_out = table(["File", "Backend", "Split", "Weights", "Images", "Accuracy", "Loss", "Macro-F1", "Macro ROC-AUC"], rows)
+        return notes + '<p class="note">No evaluate results yet (python cli.py evaluate RUN_DIR under any backend).</p>'
+    rows = [r["row"] for r in reports.values()]
+    html_out = notes + table(["File", "Backend", "Split", "Weights", "Images", "Accuracy", "Loss", "Macro-F1", "Macro ROC-AUC"], rows)
     groups: dict[tuple, list[dict]] = {}
     for r in reports.values():
-        groups.setdefault((r["split"], r["checkpoint"]), []).append(r)
+        groups.setdefault((str(r["split"]), str(r["checkpoint"])), []).append(r)
     agreement = []
     for (split, checkpoint), same in groups.items():
         if len(same) < 2:
             continue
-        reference = np.array([p["probabilities"] for p in same[0]["predictions"]])
+        reference = same[0]["probs"]
         for other in same[1:]:
-            probs = np.array([p["probabilities"] for p in other["predictions"]])
-            if probs.shape != reference.shape:
+            probs = other["probs"]
+            if probs.ndim != 2 or probs.shape != reference.shape:
                 continue
             agreement.append([f"{split} ({checkpoint})", f"{same[0]['backend']} vs {other['backend']}",
                               float((probs.argmax(1) == reference.argmax(1)).mean()),
@@ -274,36 +318,81 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
 
 # --- Pages ------------------------------------------------------------------------------
 
-def run_page(run_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
-    config = json.loads((run_dir / "config.json").read_text())
-    classes = config["classes"]
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-    options = config.get("options", {})
-    summary = (f"<p>Backend <b>{_esc(config.get('environment', {}).get('backend', '?'))}</b>, model "
-               f"<b>{_esc(options.get('model', 'resnet50'))}</b>, {options.get('image_size')} px, "
-               f"test set: {_esc(config.get('test_source', ''))}.</p>")
-    sections = [("Summary", summary)]
-    if metrics:
-        backend = metrics["backend"]
-        best = metrics["best"]
-        sections.append(("Results", results_section({f"{backend} (final)": metrics,
-                                                     f"{backend} (best, epoch {best['epoch']})": best})))
-    else:
-        sections.append(("Results", '<p class="note">No metrics.json: the run did not finish.</p>'))
-    sections.append(("Training curves", curves_figure({run_dir.name: read_history(run_dir)},
-                                                      "Training (solid) and validation (dashed) per epoch")))
-    if metrics and metrics.get("test"):
+def curves_section(run_dir: Path) -> str:
+    """The run's loss and accuracy per epoch from history.csv, or a note saying why there are none."""
+    path = run_dir / "history.csv"
+    if not path.exists():
+        return file_note("history.csv", "no training curves")
+    try:
+        history = read_history(run_dir)
+    except UNREADABLE as e:  # random bytes (csv.Error, UnicodeDecodeError), a non-numeric cell (ValueError)
+        return file_note("history.csv", "no training curves", e)
+    if not any(history.get(prefix + key) for prefix in ("", "val_") for key in ("loss", "accuracy")):
+        return '<p class="note">history.csv holds no loss or accuracy per epoch: no training curves.</p>'
+    return curves_figure({run_dir.name: history}, "Training (solid) and validation (dashed) per epoch")
+
+
+def metrics_sections(run_dir: Path, classes: list[str]) -> list[tuple[str, str]]:
+    """Results, and with a test split per-class metrics and confusion matrices, from metrics.json;
+    a note in Results when it is missing or cannot be read."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return [("Results", file_note("metrics.json", "the run did not finish, so there are no results"))]
+    try:
+        return _metrics_sections(_read_json(path), classes)
+    except UNREADABLE as e:
+        return [("Results", file_note("metrics.json", "no results, per-class metrics or confusion matrices", e))]
+
+
+def _metrics_sections(metrics: dict, classes: list[str]) -> list[tuple[str, str]]:
+    backend = metrics["backend"]
+    best = metrics["best"]
+    sections = [("Results", results_section({f"{backend} (final)": metrics, f"{backend} (best, epoch {best['epoch']})": best}))]
+    if metrics.get("test"):
         sections.append(("Per-class metrics", "<p>Test split, final weights.</p>" + per_class_section(metrics["test"], classes)))
         figures = [confusion_figure(metrics["test"]["confusion_matrix"], classes, "Test, final weights")]
-        if metrics["best"].get("test"):
-            figures.append(confusion_figure(metrics["best"]["test"]["confusion_matrix"], classes,
-                                            f"Test, best weights (epoch {metrics['best']['epoch']})"))
+        if best.get("test"):
+            figures.append(confusion_figure(best["test"]["confusion_matrix"], classes,
+                                            f"Test, best weights (epoch {best['epoch']})"))
         sections.append(("Confusion matrices", "".join(figures)))
+    return sections
+
+
+def stability_section(run_dir: Path) -> str:
+    """stability.png, the gradient norms the run logged, or a note saying why it is not shown."""
+    from PIL import Image
+
+    path = run_dir / "stability.png"
+    if not path.exists():
+        return file_note("stability.png", "no gradient-norm plot")
+    try:
+        return image_html(_read_png(path), "Gradient norms per layer group (stability.csv)")
+    except (*UNREADABLE, Image.DecompressionBombError) as e:
+        return file_note("stability.png", "no gradient-norm plot", e)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """config.json, the record every run page starts from: `RunError` (one line) when unreadable."""
+    try:
+        config = _read_json(run_dir / "config.json")
+        if not isinstance(config["classes"], list):
+            raise ValueError("'classes' is not a list")
+    except UNREADABLE as e:
+        raise RunError(f"{run_dir / 'config.json'} is not readable ({_reason(e)}); "
+                       "a report needs the run's config.json") from None
+    return config
+
+
+def run_page(run_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
+    config = read_run_config(run_dir)
+    options = config.get("options", {})
+    summary = (f"<p>Backend <b>{_esc(config.get('environment', {}).get('backend', '?'))}</b>, model "
+               f"<b>{_esc(options.get('model', 'resnet50'))}</b>, {_esc(options.get('image_size'))} px, "
+               f"test set: {_esc(config.get('test_source', ''))}.</p>")
+    results, *per_class = metrics_sections(run_dir, config["classes"])
+    sections = [("Summary", summary), results, ("Training curves", curves_section(run_dir)), *per_class]
     sections.append(("Evaluations", evaluations_section(run_dir)))
-    if (run_dir / "stability.png").exists():
-        sections.append(("Training stability", image_html(_read_png(run_dir / "stability.png"),
-                                                          "Gradient norms per layer group (stability.csv)")))
+    sections.append(("Training stability", stability_section(run_dir)))
     sections.append(("Grad-CAM", gradcam_section(run_dir, samples, data_dir, log)))
     sections.append(("Configuration and environment", config_section(config)))
     return page(f"Run report: {run_dir.name}", sections)
@@ -327,15 +416,18 @@ def resolve_run_dir(compare_dir: Path, recorded: str) -> Path:
 
 def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Callable[[str], None]) -> str:
     report = json.loads((compare_dir / "compare.json").read_text())
-    runs = []
+    runs, notes = [], ""
     for r in report["runs"]:
         run_dir = resolve_run_dir(compare_dir, r["run_dir"])
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.exists():
-            label = " ".join(x for x in (r["backend"], r["cell"], f"seed {r['seed']}") if x)
-            runs.append((label, r, run_dir, json.loads(metrics_path.read_text())))
+        label = " ".join(x for x in (r["backend"], r["cell"], f"seed {r['seed']}") if x)
+        if not (run_dir / "metrics.json").exists():
+            continue  # a failed run: compare.md lists it
+        try:
+            runs.append((label, r, run_dir, _read_json(run_dir / "metrics.json")))
+        except UNREADABLE as e:
+            notes += file_note(f"{run_dir.name}/metrics.json", f"{label} is left out of this page", e)
     sections = [("Summary", f"<p>Command: <code>{_esc(report.get('command', ''))}</code></p>"
-                 f"<p>{len(runs)} runs over backends {_esc(', '.join(report['backends']))}.</p>")]
+                 f"<p>{len(runs)} runs over backends {_esc(', '.join(report['backends']))}.</p>" + notes)]
     if (compare_dir / "compare.md").exists():
         text = (compare_dir / "compare.md").read_text()
         text = "\n".join(line for line in text.splitlines() if not line.startswith("Command:"))
@@ -349,7 +441,8 @@ def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Cal
         by_backend.setdefault(r["backend"], {})[label] = histories[label]
     sections.append(("Training curves", "".join(curves_figure(h, f"{b}: training (solid) and validation (dashed)")
                                                 for b, h in by_backend.items())))
-    classes = json.loads((runs[0][2] / "config.json").read_text())["classes"]
+    first_config = read_run_config(runs[0][2])
+    classes = first_config["classes"]
     tested = [(label, m) for label, _, _, m in runs if m.get("test")]
     if tested:
         f1 = [[c, *(m["test"]["per_class"][c]["f1"] for _, m in tested)] for c in classes]
@@ -365,7 +458,6 @@ def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Cal
     gradcams = "".join(f"<h3>{_esc(label)}</h3>" + gradcam_section(run_dir, samples, data_dir, log)
                        for label, run_dir in firsts.values())
     sections.append(("Grad-CAM", gradcams))
-    first_config = json.loads((runs[0][2] / "config.json").read_text())
     sections.append(("Configuration and environment",
                      "<p>Options of the compare command:</p><pre>" + _esc(json.dumps(report["options"], indent=2)) + "</pre>"
                      + f"<p>Environment of {_esc(runs[0][0])}:</p><pre>"
@@ -376,8 +468,6 @@ def compare_page(compare_dir: Path, samples: int, data_dir: str | None, log: Cal
 def build_report(path: str | Path, samples: int = 6, data_dir: str | None = None, out: str | Path | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Writes `report.html` (or `out`) for a run directory or a compare directory."""
-    from engine.rundir import RunError
-
     path = Path(path)
     if (path / "compare.json").exists():
         text = compare_page(path, samples, data_dir, log)

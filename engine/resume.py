@@ -14,11 +14,13 @@ import shutil
 from pathlib import Path
 
 from data.discovery import DatasetError
+from data.fingerprint import differences, fingerprint, read_fingerprint
 from engine.backend import environment, selected_backend
 from engine.config import ConfigError, TrainConfig
 from engine.rundir import (
     BEST,
     LAST,
+    RunError,
     atomic_write,
     check_run_files,
     checkpoint_state,
@@ -34,8 +36,8 @@ def _training_state(run_dir: Path) -> dict:
     """The training state of the run's last checkpoint; ConfigError when there is none."""
     last = run_dir / LAST
     if not last.is_file():
-        raise ConfigError(f"--resume {run_dir}: no epoch finished there (no {LAST}); start it again "
-                          f"without --resume")
+        raise ConfigError(f"--resume {run_dir}: no epoch finished there (no {LAST}); start it again with "
+                          f"--out {run_dir} --overwrite (it removes only this run's files)")
     try:
         state = checkpoint_state(last)
     except OSError as e:
@@ -71,15 +73,35 @@ def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConf
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
     values["data_dir"] = data_dir or recorded_data_dir(config)
+    check_run_data(run_dir, config, values["data_dir"])
     return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
 
 
 def recorded_data_dir(config: dict) -> str:
-    """Where a run's data is: the --data-dir it was given when that still names a folder from
-    here (it may be relative to where the run started), else the absolute path it recorded."""
+    """Where a run's data is: the absolute path it recorded, while that folder exists; else the
+    --data-dir as it was given (a relative one names a folder from here, which `check_run_data`
+    must then find to hold the same files)."""
     given = config["options"]["data_dir"]
     absolute = config.get("data_dir_absolute")
-    return given if Path(given).is_dir() or not absolute else absolute
+    return absolute if absolute and Path(absolute).is_dir() else given
+
+
+def check_run_data(run_dir: Path, config: dict, data_dir: str | Path) -> None:
+    """Raises `DatasetError` unless `data_dir` holds the image files the run recorded in its
+    data fingerprint, byte for byte, and no others: wherever the data now is, it is the same.
+    (A run from before fingerprints has only its images per class checked, by the callers.)"""
+    record = config.get("data_fingerprint")
+    if not record:
+        return
+    try:
+        recorded = read_fingerprint(Path(run_dir) / record["file"])
+    except (OSError, ValueError) as e:
+        raise RunError(f"{run_dir}: its record of the data it used ({record['file']}) is not readable ({e}); "
+                       f"restore that file") from None
+    found = differences(recorded, fingerprint(data_dir))
+    if found:
+        raise DatasetError(f"{data_dir} is not the data the run in {run_dir} used: {found} "
+                           f"(--data-dir names the data's place)")
 
 
 def reconcile_run_dir(run_dir: Path, counts: dict) -> dict:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
+import fnmatch
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,12 +23,72 @@ INITIAL, LAST, BEST, MODEL_FILE = "initial.weights.h5", "last.weights.h5", "best
 PREDICTIONS_FILE = "test_predictions.csv"  # per test image: label, final and best prediction
 
 
+# Every file and folder a run directory may hold, as this project writes them: --overwrite
+# removes these and nothing else. `eval-*.json` and `.tmp-*` are patterns (fnmatch).
+RUN_FILES = frozenset({
+    "config.json", "metrics.json", "history.csv", "stability.csv", "stability.png", INITIAL, LAST, BEST,
+    MODEL_FILE, PREDICTIONS_FILE, "skipped.txt", "decode-report.txt", "leakage.json", "warnings.log",
+    "report.html", "data-fingerprint.tsv", ".lock",
+})
+RUN_FOLDERS = frozenset({"export"})  # `export` writes model.onnx or saved_model/ there
+RUN_PATTERNS = ("eval-*.json", ".tmp-*", ".write-test-*")
+LOCK_FILE = ".lock"  # held (flock) by the one process writing the run; names it (pid, command)
+PROJECT = "brain-mri-keras3"  # the lock file's marker: this project made the folder
+
+
 class OutputDirError(UserInputError, OSError):
     """The output folder cannot be created or written."""
 
 
+class RunDirBusyError(OutputDirError):
+    """Another live process holds the run directory's lock."""
+
+
 class RunError(UserInputError, ValueError):
     """A run directory or model file that cannot be used."""
+
+
+def is_run_file(name: str) -> bool:
+    """Whether `name` (an entry of a run directory) is one this project writes there."""
+    return name in RUN_FILES or name in RUN_FOLDERS or any(fnmatch.fnmatchcase(name, p) for p in RUN_PATTERNS)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Recognisably a run of this project: its lock file carries the project's marker, or its
+    config.json has a run id and the options (runs written before the lock file existed)."""
+    for name, keys in ((LOCK_FILE, ("project",)), ("config.json", ("run_id", "options"))):
+        try:
+            record = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and all(k in record for k in keys) and record.get("project", PROJECT) == PROJECT:
+            return True
+    return False
+
+
+def check_apart(out: str | Path, data_dir: str | Path | None, option: str = "--out") -> None:
+    """Refuses an output path that is, holds or lies inside the data folder: a run written into a
+    dataset becomes part of it (a class folder, a stray file), and --overwrite could delete images."""
+    if not data_dir:
+        return
+    out, data = Path(out).resolve(), Path(data_dir).resolve()
+    if out == data or data in out.parents:
+        where = "is" if out == data else "lies inside"
+        raise OutputDirError(f"{option} {out} {where} the data folder {data}: write it outside the dataset")
+    if out in data.parents:
+        raise OutputDirError(f"{option} {out} holds the data folder {data}: choose a folder beside it")
+
+
+def check_output_file(path: str | Path, option: str, run_dir: str | Path | None = None,
+                      data_dir: str | Path | None = None, own: str | None = None) -> None:
+    """An output file of a command that reads a run: never one of the run's own files (save the
+    command's own default name `own`, e.g. report.html), never inside its data folder, and writable."""
+    path = Path(path)
+    if run_dir is not None and path.resolve().parent == Path(run_dir).resolve() and path.name != own:
+        raise OutputDirError(f"{option} {path} is inside the run folder {run_dir}, whose files belong to the run; "
+                             f"write it elsewhere")
+    check_apart(path, data_dir, option)
+    check_writable_file(path, option)
 
 
 def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs") -> Path:
@@ -34,7 +97,7 @@ def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path 
     Raises `OutputDirError` at once if it cannot be written, so no training is lost to it.
     """
     path = Path(out) if out else Path(runs_root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{backend}"
-    probe = path / ".write-test"
+    probe = path / f".write-test-{os.getpid()}"  # per process: two runs racing into one folder must not share it
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("ok")
@@ -60,22 +123,111 @@ def check_writable_file(path: str | Path, option: str) -> None:
 
 
 def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs",
-                  overwrite: bool = False) -> Path:
-    """The directory of a new run: created, or refused when it already holds files (a finished
-    or interrupted run would be overwritten or, worse, mixed with this one); with `overwrite`
-    its old contents are removed first, before anything new is written."""
+                  overwrite: bool = False, data_dir: str | Path | None = None,
+                  notes: list[str] | None = None) -> Path:
+    """The directory of a new run, created and locked for this process (`lock_run_dir`).
+
+    Refused when it already holds files: a finished or interrupted run would be mixed with this
+    one. With `overwrite`, a folder that is recognisably a run of this project loses the files the
+    project writes there (`RUN_FILES`) before anything new is written; a folder holding anything
+    else is refused, naming what is there. Never the data folder, inside it, or around it."""
     path = Path(out) if out else None
-    if path is not None and path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            held = sorted(p.name for p in path.iterdir())
-            raise OutputDirError(f"{path} is not empty ({len(held)} entries, e.g. {', '.join(held[:3])}): continue "
-                                 f"that run with --resume {path}, replace it with --overwrite, or choose another --out")
-        for entry in path.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    return prepare_run_dir(out, backend, runs_root)
+    ours = path is not None and is_run_dir(path)  # judged before this run's own lock file marks it
+    if path is not None:
+        check_apart(path, data_dir)
+        foreign = _foreign_entries(path)
+        if foreign and not ours:  # refused before anything is written into the user's folder
+            raise OutputDirError(f"{path} is not empty and is not a run of this project ({_listed(foreign)}); "
+                                 f"choose another --out (nothing was changed)")
+    path = prepare_run_dir(out, backend, runs_root)
+    lock_run_dir(path, notes)
+    _remove_temporary_files(path, notes)
+    held = sorted(p.name for p in path.iterdir() if p.name != LOCK_FILE)
+    if held and not overwrite:
+        raise OutputDirError(f"{path} is not empty ({_listed(held)}): continue that run with --resume {path}, "
+                             f"replace it with --overwrite, or choose another --out")
+    if held:
+        foreign = _foreign_entries(path) if ours else held
+        if foreign:
+            raise OutputDirError(f"--overwrite {path}: it holds files this project did not write ({_listed(foreign)}); "
+                                 f"nothing was removed")
+        for name in held:
+            entry = path / name
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    return path
+
+
+def reopen_run_dir(out: str | Path, data_dir: str | Path | None = None, notes: list[str] | None = None) -> Path:
+    """The directory of an interrupted run being resumed: writable, apart from its data, locked
+    for this process, and cleared of temporary files a killed write left (said in `notes`)."""
+    path = Path(out)
+    check_apart(path, data_dir)
+    prepare_run_dir(path, "")
+    lock_run_dir(path, notes)
+    _remove_temporary_files(path, notes)
+    return path
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """The entries of `path` this project does not write into a run directory ([] when absent)."""
+    return sorted(p.name for p in path.iterdir() if not is_run_file(p.name)) if path.is_dir() else []
+
+
+def _listed(names: list[str]) -> str:
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else "")
+
+
+def _remove_temporary_files(path: Path, notes: list[str] | None) -> None:
+    """A write killed before its rename (SIGKILL, a power cut) leaves `.tmp-<name>`: never a file
+    any command reads, so it goes, and the user is told."""
+    stale = sorted(p for p in path.glob(".tmp-*") if p.is_file())
+    for p in stale:
+        p.unlink()
+    if stale and notes is not None:
+        notes.append(f"removed {len(stale)} temporary file(s) an interrupted write left in {path}: "
+                     f"{', '.join(p.name for p in stale)}")
+
+
+_LOCKS: dict[Path, int] = {}  # run directory -> the open, flock-ed lock file; held for the process's life
+
+
+def lock_run_dir(path: Path, notes: list[str] | None = None) -> None:
+    """Makes this process the one writer of `path`: an exclusive OS lock (flock) on its lock file,
+    held until the process ends (the kernel releases it however the process dies, so a lock left by
+    a killed run is simply taken over). Raises `RunDirBusyError` naming the live holder."""
+    key = path.resolve()
+    if key in _LOCKS:
+        return
+    lock = path / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(lock)
+        os.close(fd)
+        raise RunDirBusyError(f"{path} is in use by another run ({holder}); wait for it to end, or choose another "
+                              f"--out") from None
+    previous = _lock_holder(lock, wait=0)
+    record = {"project": PROJECT, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _LOCKS[key] = fd
+    if previous != "unknown holder" and notes is not None:
+        notes.append(f"took over the lock of {path} from {previous}, which is no longer running")
+
+
+def _lock_holder(lock: Path, wait: float = 2.0) -> str:
+    """Who holds `lock`, as its file says (a holder that just took it may not have written yet)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            record = json.loads(lock.read_text())
+            return f"pid {record['pid']}, started {record['started']}: {record['command']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "unknown holder"
+            time.sleep(0.05)
 
 
 def new_run_id() -> str:
@@ -142,21 +294,56 @@ def truncate_csv(path: Path, rows: int) -> None:
         tmp.write_text("".join(lines[: rows + 1]))
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell that a spreadsheet would run as a formula (a file named `=cmd|...!A0.jpg`)
+    gets a leading single quote, OWASP's rule; so does one already starting with quotes before
+    such a character, so `spreadsheet_text` undoes it exactly. Numbers pass unchanged."""
+    if isinstance(value, str) and value.lstrip("'").startswith(FORMULA_STARTS) and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def _is_number(text: str) -> bool:
+    """`-0.25` or `+1e-3` as text (a value read back from a CSV): a spreadsheet reads a number."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def spreadsheet_text(value: str) -> str:
+    """The text `spreadsheet_safe` was given."""
+    quoted = value.startswith("'") and value.lstrip("'").startswith(FORMULA_STARTS) and not _is_number(value[1:])
+    return value[1:] if quoted else value
+
+
 def write_csv(path: Path, rows: list[dict], missing: str = "") -> None:
-    """Rows as CSV, written whole and atomically; `missing` where a row has no value."""
+    """Rows as CSV (RFC 4180 quoting by the csv module, formula-like text neutralised), written
+    whole and atomically; `missing` where a row has no value."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
+        writer = csv.DictWriter(f, [spreadsheet_safe(c) for c in columns])
         writer.writeheader()
-        writer.writerows({k: missing if row.get(k) is None else row[k] for k in columns} for row in rows)
+        writer.writerows({spreadsheet_safe(k): missing if row.get(k) is None else spreadsheet_safe(row[k])
+                          for k in columns} for row in rows)
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
-    """A CSV file's rows as text ([] without the file)."""
+    """A CSV file's rows as text, as they were before `write_csv` neutralised them ([] without the file)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [{_text(k): _text(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _text(cell):
+    """A cell as written; DictReader's None key (surplus cells) and list values pass unchanged."""
+    return spreadsheet_text(cell) if isinstance(cell, str) else cell
 
 
 def checkpoint_state(path: Path) -> dict | None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from data.discovery import DatasetError, Example, Splits
+from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
+from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from engine import distribute
 from engine.backend import (
@@ -37,6 +38,8 @@ from engine.callbacks import (
     EpochTimer,
     HistoryCSV,
     NonFiniteGuard,
+    SignalStop,
+    SignalStopError,
     load_model_weights,
     restore_seed_states,
     save_weights,
@@ -74,13 +77,22 @@ class RunStoppedError(RuntimeError):
     """An OS error (a full disk, a lost mount) stopped the run; its last checkpoint is intact."""
 
 
+class RunInterruptedError(RuntimeError):
+    """SIGINT or SIGTERM stopped the run at a safe point; `exit_code` is the shell's 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log,
-          notes: list[tuple[str, str]]) -> tuple[list[Example], list]:
+          notes: list[tuple[str, str]], digests: dict[str, Digest]) -> tuple[list[Example], list]:
     if not examples:
         return [], []
     bar = keras.utils.Progbar(len(examples), verbose=1 if cfg.verbose else 0, unit_name="image")
     log(f"Decoding {len(examples)} {name} images at {cfg.image_size} px")
-    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update, notes=notes)
+    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update, notes=notes,
+                                  digests=digests)
     for path, reason in skipped:
         log(f"  skipped {path}: {reason}")
     return good, skipped
@@ -267,6 +279,7 @@ class RunData:
     skipped: list[tuple[str, str]]
     cache: DecodedCache | None
     decode_notes: list[tuple[str, str]]
+    digests: dict[str, Digest]  # per file read: size and SHA-256 (data.fingerprint)
 
     @property
     def counts(self) -> dict:
@@ -280,7 +293,8 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
     run_dir, splits = checked.run_dir, checked.splits
     cache = DecodedCache() if cfg.cache else None
     notes: list[tuple[str, str]] = []
-    decoded = {name: _scan(name, examples, cfg, cache, log, notes)
+    digests: dict[str, Digest] = {}
+    decoded = {name: _scan(name, examples, cfg, cache, log, notes, digests)
                for name, examples in (("training", splits.train), ("validation", splits.val), ("test", splits.test))}
     skipped = [item for _, skipped in decoded.values() for item in skipped]
     with atomic_write(run_dir / "skipped.txt") as tmp:
@@ -296,7 +310,8 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
     if cfg.finds_twins:
         _record_leakage(run_dir, cfg, splits, len(decoded["test"][0]), log)
-    return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache, notes)
+    return RunData(splits, decoded["training"][0], decoded["validation"][0], decoded["test"][0], skipped, cache, notes,
+                   digests)
 
 
 def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: Path | None) -> keras.Model:
@@ -324,20 +339,36 @@ def build_run_model(cfg: TrainConfig, num_classes: int, resume: bool, run_dir: P
 
 
 def start_run_dir(run_dir: Path, cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData,
-                  determinism: dict | None) -> str:
+                  determinism: dict | None, log: Callable[[str], None] = print) -> str:
     """initial.weights.h5 (a run started from an --init-weights file records that file and
     its SHA-256 instead of copying it) and config.json; returns the new run's id."""
     start = Path(cfg.init_weights) if cfg.init_weights else run_dir / INITIAL
     if not cfg.init_weights:
         save_weights(model, start)
     run_id = new_run_id()
-    _write_config(run_dir, cfg, phases, data, determinism, start, run_id)
+    _write_config(run_dir, cfg, phases, data, determinism, start, run_id, _record_data(run_dir, cfg, data, log))
     return run_id
 
 
+def _record_data(run_dir: Path, cfg: TrainConfig, data: RunData, log: Callable[[str], None]) -> dict:
+    """data-fingerprint.tsv: every image file of the data folder with its size and SHA-256 (those
+    the decode pass read are not read again), so a later command can tell this data from other
+    data; and the images that are in both Training/ and Testing/ byte for byte, said on the console."""
+    prints = fingerprint(cfg.data_dir, data.digests)
+    record = {"file": FINGERPRINT_FILE, "files": len(prints), "sha256": write_fingerprint(run_dir / FINGERPRINT_FILE,
+                                                                                          prints)}
+    if data.splits.test_source.startswith(TEST_DIR):
+        copies = cross_split_copies(prints)
+        record["copies_in_training_and_testing"] = len(copies)
+        log(f"{len(copies)} images of {TEST_DIR}/ are byte-identical copies of images in {TRAIN_DIR}/"
+            + (f" (first: {copies[0][0]} = {copies[0][1]}; `audit` lists them, --dedup drops them from training)"
+               if copies else ""))
+    return record
+
+
 def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData, run_dir: Path,
-                state: dict | None, run_id: str | None,
-                log: Callable[[str], None]) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
+                state: dict | None, run_id: str | None, log: Callable[[str], None],
+                stop: SignalStop | None = None) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
     """Fits the phases with the run's callbacks (from the checkpoint's epoch when `state` is a
     resumed run's); raises `DivergedError` when the loss became non-finite."""
     train_batches = training_batches(cfg, data.train, data.cache)
@@ -356,7 +387,7 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
             # Order matters: the replicas' callback averages the training logs over processes
             # first; the timer and the stability log add to the logs history.csv gets.
             [*distribute.replica_callbacks(model), EpochSync(train_batches), EpochTimer(len(data.train)), guard,
-             stability, checkpoints],
+             stability, checkpoints, *([stop] if stop else [])],
             run_dir / "history.csv", cfg.verbose, log, resume_from=run_dir / LAST if state else None,
         )
     if guard.event:
@@ -457,6 +488,13 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
 
 
 def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resume: bool) -> dict:
+    stop = SignalStop()
+    with stop.installed(), _signals_stop_the_run(checked.run_dir):
+        return _run_steps(cfg, checked, log, resume, stop)
+
+
+def _run_steps(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resume: bool,
+               stop: SignalStop) -> dict:
     run_dir = checked.run_dir
     determinism = enable_determinism() if cfg.deterministic else None
     with checked.undone_on_input_errors():  # bad weights or no readable image: no run folder left
@@ -474,8 +512,8 @@ def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resum
         state = reconcile_run_dir(run_dir, data.counts)
         run_id = state.get("run_id")
     else:
-        state, run_id = None, start_run_dir(run_dir, cfg, model, phases, data, determinism)
-    trained = train_model(cfg, model, phases, data, run_dir, state, run_id, log)
+        state, run_id = None, start_run_dir(run_dir, cfg, model, phases, data, determinism, log)
+    trained = train_model(cfg, model, phases, data, run_dir, state, run_id, log, stop)
     metrics = score_and_write(model, cfg, data, run_dir, phases, trained, log)
     finish_run_dir(run_dir, cfg.keep_checkpoints)
     log(f"\nRun directory: {run_dir}")
@@ -505,7 +543,7 @@ def _run_in_step(cfg: TrainConfig, checked: Preflight, resume: bool) -> dict:
 
 
 def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: RunData, determinism: dict | None,
-                  start: Path, run_id: str) -> None:
+                  start: Path, run_id: str, data_record: dict) -> None:
     """config.json: every option, the phases, the data, the starting weights' SHA-256 and the
     environment of the run."""
     splits = data.splits
@@ -514,6 +552,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, phases: list[Phase], data: Ru
         "options": dataclasses.asdict(cfg),
         # Where the data was, wherever the run is resumed or evaluated from (the option as given may be relative).
         "data_dir_absolute": str(Path(cfg.data_dir).resolve()),
+        "data_fingerprint": data_record,  # which files, byte for byte: checked by --resume, evaluate, report
         "phases": [dataclasses.asdict(p) for p in phases],
         "classes": splits.classes,
         "test_source": splits.test_source,
@@ -595,6 +634,31 @@ def _os_errors_stop_the_run(checkpoints: Checkpoints, run_dir: Path):
                 f"fix the cause and continue with --resume {run_dir}"
                 if checkpoints.last_epoch else "no epoch was checkpointed; fix the cause and start the run again")
         raise RunStoppedError(f"training stopped by an OS error ({reason}); {kept}") from e
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run(run_dir: Path):
+    """Turns `SignalStopError` into one line: what the run directory keeps (the checkpoint on
+    disk, not what memory says) and the command that goes on from there."""
+    try:
+        yield
+    except SignalStopError as e:
+        raise RunInterruptedError(_interrupted_message(run_dir, e), 128 + e.signum) from None
+
+
+def _interrupted_message(run_dir: Path, e: SignalStopError) -> str:
+    said = f"stopped by {e}"
+    if (run_dir / "metrics.json").is_file():
+        return f"{said} after the run had finished; its files in {run_dir} are complete"
+    try:
+        done = (checkpoint_state(run_dir / LAST) or {}).get("epoch")
+    except OSError:
+        done = None
+    if done:
+        return (f"{said}: the checkpoint of epoch {done} ({run_dir / LAST}) is kept; continue with: "
+                f"KERAS_BACKEND={keras.backend.backend()} python cli.py train --resume {run_dir}")
+    return (f"{said} before the first epoch finished (no checkpoint to resume from); start again with "
+            f"--out {run_dir} --overwrite")
 
 
 @contextlib.contextmanager
