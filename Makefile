@@ -32,7 +32,7 @@ $(VENV)/.installed: $(LOCKS)
 	touch $@
 
 demo: venv
-	$(PY) cli.py make-demo-data $(DEMO_DIR) --train-per-class 80 --test-per-class 20
+	$(PY) cli.py make-demo-data $(DEMO_DIR) --train-per-class 80 --test-per-class 20 --replace
 	KERAS_BACKEND=$(BACKEND) $(PY) cli.py train --data-dir $(DEMO_DIR) --image-size 64 \
 		--batch-size 16 --epochs 8 --lr 5e-4 --bn-momentum 0.9 --crop-scale 0.6,1 \
 		--weights none --out $(DEMO_RUN) --verbose 2

@@ -162,11 +162,15 @@ def _resumed_config(run_dir: str, options: dict) -> TrainConfig | None:
 @click.option("--train-per-class", default=40, show_default=True, type=click.IntRange(1))
 @click.option("--test-per-class", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=int)
-def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: int, seed: int) -> None:
-    """Write the synthetic phantom dataset (a smoke test, not medical data) to OUT_DIR."""
+@click.option("--replace", is_flag=True, help="Replace a demo dataset this command wrote before (only its own files; any other file there is refused).")
+def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: int, seed: int, replace: bool) -> None:
+    """Write the synthetic phantom dataset (a smoke test, not medical data) to OUT_DIR, a new or empty folder."""
     from data.demo import make_demo_data
 
-    counts = make_demo_data(out_dir, train_per_class, test_per_class, seed)
+    try:
+        counts = make_demo_data(out_dir, train_per_class, test_per_class, seed, replace=replace)
+    except UserInputError as e:
+        raise UserError(str(e)) from None
     click.echo(f"Wrote {counts['Training']} training and {counts['Testing']} test images to {out_dir}")
 
 
@@ -182,11 +186,11 @@ def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, wo
 
     from data.audit import audit_dataset, format_audit, list_dataset
     from data.discovery import DatasetError
-    from engine.rundir import OutputDirError, check_writable_file, write_json
+    from engine.rundir import OutputDirError, check_output_path, write_json
 
     start = time.perf_counter()
     try:
-        check_writable_file(out, "--out")
+        check_output_path(out, "--out", data_dir=data_dir)
     except OutputDirError as e:
         raise UserError(str(e)) from None
     try:
@@ -506,10 +510,10 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
     """Predict the class of images (files or folders). Exit 1 when some could not be read."""
     from engine.inference import format_predictions, load_run, predict_files, write_predictions_csv
-    from engine.rundir import check_writable_file
+    from engine.rundir import check_output_path, recorded_data_folder
 
-    if csv_path:
-        check_writable_file(csv_path, "--csv")  # before the predictions, not after them
+    if csv_path:  # before the predictions, not after them
+        check_output_path(csv_path, "--csv", run_dir, recorded_data_folder(run_dir))
     run = load_run(run_dir, checkpoint)
     rows = predict_files(run, list(paths), threshold, batch_size)
     if not rows:
@@ -538,8 +542,9 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
 
     from engine.gradcam import cam_layer, explain_files
     from engine.inference import expand_paths, load_run
-    from engine.rundir import prepare_run_dir
+    from engine.rundir import check_output_path, prepare_run_dir, recorded_data_folder
 
+    check_output_path(out, "--out", run_dir, recorded_data_folder(run_dir), folder=True)
     run = load_run(run_dir, checkpoint)
     if class_name is not None and class_name not in run.classes:
         raise UserError(f"--class {class_name!r}: the model's classes are {', '.join(run.classes)}")
@@ -573,7 +578,10 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 
     from engine.export import ExportError, ExportUnsupportedError, check_supported, export_run, record_path
     from engine.inference import load_run
+    from engine.rundir import check_output_path, recorded_data_folder
 
+    if out:
+        check_output_path(out, "--out", run_dir, recorded_data_folder(run_dir), own="export", folder=True)
     try:
         check_supported(format_)  # before loading anything
         record = export_run(load_run(run_dir, checkpoint), format_, Path(out) if out else None, check_images,
@@ -594,9 +602,10 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | None) -> None:
     """One self-contained HTML report for a run directory or a compare directory."""
     from engine.report import build_report
-    from engine.rundir import check_writable_file
+    from engine.rundir import check_output_path, recorded_data_folder
 
-    check_writable_file(out or Path(path) / "report.html", "--out")
+    check_output_path(out or Path(path) / "report.html", "--out", path, data_dir or recorded_data_folder(path),
+                      own="report.html")
     target = build_report(path, gradcam_samples, data_dir, out, log=click.echo)
     click.echo(f"Wrote {target}")
 

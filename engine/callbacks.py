@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from engine.rundir import BEST, LAST, atomic_write, read_csv_rows, write_csv
+from engine.rundir import BEST, LAST, atomic_write, check_free_space, read_csv_rows, write_csv
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -171,12 +171,23 @@ def save_weights(model: keras.Model, path: Path, state: dict | None = None, with
     never leaves half a checkpoint; without the optimizer's variables unless `with_optimizer`."""
     import h5py
 
-    skip = [] if with_optimizer or model.optimizer is None else [model.optimizer]
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model (the initial weights) has none
+    skip = [] if with_optimizer or optimizer is None else [optimizer]
+    saved = model.weights + (list(optimizer.variables) if optimizer is not None and not skip else [])
+    check_free_space(path, weights_nbytes(saved) + HDF5_MARGIN)
     with atomic_write(path) as tmp:
         keras.saving.save_weights(model, tmp, objects_to_skip=skip or None)
         if state is not None:
             with h5py.File(tmp, "a") as f:
                 f.attrs["training_state"] = json.dumps(state)
+
+
+HDF5_MARGIN = 8 * 2**20  # headers, names and attributes beside the tensors' bytes (a ResNet50 file: under 1 MB)
+
+
+def weights_nbytes(variables) -> int:
+    """The bytes of the variables' values, what a weights file mostly holds."""
+    return sum(math.prod(v.shape) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize for v in variables)
 
 
 def load_model_weights(model: keras.Model, path: Path) -> None:

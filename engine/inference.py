@@ -18,7 +18,15 @@ from data.discovery import DatasetError, Example, files_under, list_split, make_
 from data.markdown import markdown_table
 from engine.metrics import softmax
 from engine.resume import check_run_data, recorded_data_dir
-from engine.rundir import RunError, check_run_files, spreadsheet_safe
+from engine.rundir import (
+    BEST,
+    LAST,
+    MODEL_FILE,
+    RunError,
+    check_run_files,
+    model_file_problem,
+    spreadsheet_safe,
+)
 
 PREDICT_CHUNK = 256  # files decoded at a time by `predict_files`
 SPLITS = ("test", "val", "train")
@@ -70,13 +78,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
     """Loads a run directory's `model.keras` (`final`), or that model with the weights of
     `best.weights.h5` or `last.weights.h5`."""
     run_dir = Path(run_dir)
-    config_path, model_path = run_dir / "config.json", run_dir / "model.keras"
+    config_path, model_path = run_dir / "config.json", run_dir / MODEL_FILE
     if not config_path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no config.json)")
-    if not model_path.is_file():
-        kept = [p.name for p in (run_dir / "best.weights.h5", run_dir / "last.weights.h5") if p.exists()]
-        raise RunError(f"{run_dir} has no model.keras: the run did not finish (interrupted or diverged)"
-                       + (f"; it kept {', '.join(kept)}" if kept else ""))
     try:
         config = json.loads(config_path.read_text())
         classes, options = list(config["classes"]), config["options"]
@@ -84,7 +88,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
     except (ValueError, KeyError, TypeError) as e:
         raise RunError(f"{config_path} is not a readable run config ({type(e).__name__}: {e})") from None
     check_run_files(run_dir)
-    model = load_model_file(model_path)
+    problem = model_file_problem(model_path)
+    if problem is None:
+        model = load_model_file(model_path)
+    elif checkpoint == "final":
+        raise RunError(_model_file_message(run_dir, problem))
+    else:  # the weights file holds every variable: the architecture comes from the run's options
+        model = _model_from_options(options, len(classes))
     if checkpoint != "final":
         weights = run_dir / f"{checkpoint}.weights.h5"
         if not weights.is_file():
@@ -100,6 +110,27 @@ def load_run(run_dir: str | Path, checkpoint: str = "final") -> TrainedRun:
         except (ValueError, OSError, KeyError) as e:
             raise RunError(f"{weights} does not fit {model_path} ({type(e).__name__}: {e})") from None
     return TrainedRun(run_dir, model, checkpoint, classes, image_size, preprocess, options, config)
+
+
+def _model_file_message(run_dir: Path, problem: str) -> str:
+    """Why model.keras cannot be used, and the checkpoint that can (never advice that deletes one)."""
+    kept = [p.name for p in (run_dir / BEST, run_dir / LAST) if p.is_file()]
+    instead = f"; --checkpoint {kept[0].split('.')[0]} uses {kept[0]}" if kept else ""
+    if problem != "missing":
+        return f"{run_dir / MODEL_FILE} is {problem}{instead}"
+    if (run_dir / "metrics.json").is_file():
+        return f"{run_dir / MODEL_FILE} is missing (the run finished: metrics.json is there){instead}"
+    return f"{run_dir} has no {MODEL_FILE}: the run did not finish (interrupted or diverged){instead}"
+
+
+def _model_from_options(options: dict, num_classes: int) -> keras.Model:
+    """The run's model, built from its recorded options with no weights loaded."""
+    from engine.config import TrainConfig
+    from model import build_model
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names})
+    return build_model(cfg.model_spec(), num_classes, cfg.image_size, "none")
 
 
 def split_examples(run: TrainedRun, data_dir: str | Path | None, split: str) -> tuple[list[Example], str]:

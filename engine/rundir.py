@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import fnmatch
 import json
@@ -12,6 +13,7 @@ import shutil
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,16 +81,31 @@ def check_apart(out: str | Path, data_dir: str | Path | None, option: str = "--o
         raise OutputDirError(f"{option} {out} holds the data folder {data}: choose a folder beside it")
 
 
-def check_output_file(path: str | Path, option: str, run_dir: str | Path | None = None,
-                      data_dir: str | Path | None = None, own: str | None = None) -> None:
-    """An output file of a command that reads a run: never one of the run's own files (save the
-    command's own default name `own`, e.g. report.html), never inside its data folder, and writable."""
+def check_output_path(path: str | Path, option: str, run_dir: str | Path | None = None,
+                      data_dir: str | Path | None = None, own: str | None = None, folder: bool = False) -> None:
+    """An output of a command that reads a run: never inside the run folder, whose files belong to
+    the run (save the command's own default place there, `own`: report.html, export), never in
+    the run's data folder, and (a file) writable. Checked before any work."""
     path = Path(path)
-    if run_dir is not None and path.resolve().parent == Path(run_dir).resolve() and path.name != own:
-        raise OutputDirError(f"{option} {path} is inside the run folder {run_dir}, whose files belong to the run; "
-                             f"write it elsewhere")
+    if run_dir is not None:
+        run = Path(run_dir).resolve()
+        target = path.resolve()
+        if target == run or run in target.parents:
+            inside = target.relative_to(run).as_posix()
+            if not (own and (inside == own or inside.startswith(f"{own}/"))):
+                raise OutputDirError(f"{option} {path} is inside the run folder {run_dir}, whose files belong to "
+                                     f"the run; write it elsewhere")
     check_apart(path, data_dir, option)
-    check_writable_file(path, option)
+    if not folder:
+        check_writable_file(path, option)
+
+
+def recorded_data_folder(run_dir: str | Path) -> str | None:
+    """The absolute data folder a run's config.json records (None when it has none)."""
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("data_dir_absolute")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def prepare_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = "runs") -> Path:
@@ -253,13 +270,38 @@ def check_run_files(run_dir: Path) -> None:
             owners[name] = (checkpoint_state(run_dir / name) or {}).get("run_id")
         except OSError:  # absent, or cut short by a crash: it claims no run (a resume repairs it)
             continue
-    if metrics and (run_dir / MODEL_FILE).is_file() and file_sha256(run_dir / MODEL_FILE) != metrics.get("model_sha256"):
+    model = run_dir / MODEL_FILE
+    # A damaged model.keras is not another run's: `load_run` names the damage and the way around it.
+    if metrics and model_file_problem(model) is None and file_sha256(model) != metrics.get("model_sha256"):
         owners[MODEL_FILE] = "another run (its SHA-256 is not the one metrics.json recorded)"
     foreign = sorted(name for name, owner in owners.items() if owner != run_id)
     if foreign:
         raise RunError(f"{run_dir} mixes files of different runs: {', '.join(foreign)} "
                        f"{'does' if len(foreign) == 1 else 'do'} not belong to the run of its config.json "
-                       f"(run {run_id}); start that run again with --overwrite")
+                       f"(run {run_id}); put the run's own files back, or move the others out")
+
+
+def model_file_problem(path: Path) -> str | None:
+    """None for a whole `.keras` archive; else why not: `missing`, or `damaged (...)` for a file
+    cut short or corrupted (its zip directory or a member's CRC does not check out)."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"damaged ({e})"
+    return f"damaged (member {bad} fails its CRC check)" if bad else None
+
+
+def check_free_space(path: Path, needed: int) -> None:
+    """Raises ENOSPC's OSError before a write of about `needed` bytes that the disk cannot take:
+    HDF5 (h5py) can crash the whole process when the disk fills in the middle of a write, so
+    the weights files are measured against the free space first."""
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device ({needed / 2**20:.0f} MB needed, "
+                                    f"{free / 2**20:.0f} MB free)", str(path))
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from engine.backend import (
     tensorflow_kept_out,
 )
 from engine.callbacks import (
+    HDF5_MARGIN,
     Checkpoints,
     EpochTimer,
     HistoryCSV,
@@ -43,6 +44,7 @@ from engine.callbacks import (
     load_model_weights,
     restore_seed_states,
     save_weights,
+    weights_nbytes,
 )
 from engine.config import Preflight, TrainConfig, preflight
 from engine.losses import training_loss
@@ -55,6 +57,7 @@ from engine.rundir import (
     MODEL_FILE,
     PREDICTIONS_FILE,
     atomic_write,
+    check_free_space,
     checkpoint_state,
     file_sha256,
     new_run_id,
@@ -64,6 +67,7 @@ from engine.rundir import (
 )
 from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, phase_optimizer, plan_phases
 from engine.stability import StabilityMonitor
+from errors import UserInputError
 from model import build_model, load_initial_weights
 from model.structure import set_backbone_trainable
 from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_backbone_weights
@@ -304,8 +308,8 @@ def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) 
     if notes:  # what the decoder did to images whose values are not plain 8-bit: said, not silent
         with atomic_write(run_dir / "decode-report.txt") as tmp:
             tmp.write_text("".join(f"{p}\t{n}\n" for p, n in notes))
-        log(f"Rescaled the values of {len(notes)} images that are not plain 8-bit (list in "
-            f"{run_dir / 'decode-report.txt'})")
+        log(f"Read {len({p for p, _ in notes})} images other than as stored (values not plain 8-bit rescaled, "
+            f"EXIF orientation applied; list in {run_dir / 'decode-report.txt'})")
     if not decoded["training"][0]:
         raise DatasetError(f"no readable training images in {cfg.data_dir}")
     if cfg.finds_twins:
@@ -380,7 +384,7 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
                                                   run_id)
     stability = StabilityMonitor(*probe_batch(cfg, data.train, data.cache), run_dir,
                                  resume_epochs=state["epoch"] if state else 0)
-    with _os_errors_stop_the_run(checkpoints, run_dir), _out_of_memory_stops_the_run(checkpoints, cfg):
+    with _out_of_memory_stops_the_run(checkpoints, cfg):
         fit_phases(
             model, phases, distribute.for_training(train_batches),
             distribute.for_evaluation(val_batches) if val_batches is not None else None,
@@ -400,21 +404,18 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     """model.keras (the final weights), the metrics of the final and the best epoch's weights
     in metrics.json, and the results table in the log."""
     checkpoints = trained[0]
-    with _os_errors_stop_the_run(checkpoints, run_dir):
-        save_model_file(model, run_dir / MODEL_FILE)
+    save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
         load_model_weights(model, run_dir / BEST)
         best, best_predicted = _evaluate(model, data, cfg)
     if final_predicted is not None:
-        with _os_errors_stop_the_run(checkpoints, run_dir):
-            write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
+        write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
     history = read_history(run_dir)  # every epoch, also those before a resume
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
     # Which run the files belong to: evaluate, report and --resume check them (check_run_files).
     metrics.update(run_id=checkpoints.run_id, model_sha256=file_sha256(run_dir / MODEL_FILE))
-    with _os_errors_stop_the_run(checkpoints, run_dir):
-        write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     broken = [f"{split} loss {report['loss']}" for split, report in final.items()
               if report is not None and not math.isfinite(report["loss"])]
     if broken:  # written for inspection, but not a result: the command fails
@@ -489,7 +490,7 @@ def run_training(cfg: TrainConfig, checked: Preflight | None = None, log: Callab
 
 def _run(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], resume: bool) -> dict:
     stop = SignalStop()
-    with stop.installed(), _signals_stop_the_run(checked.run_dir):
+    with stop.installed(), _signals_stop_the_run(checked.run_dir), _os_errors_stop_the_run(checked.run_dir):
         return _run_steps(cfg, checked, log, resume, stop)
 
 
@@ -600,6 +601,7 @@ def save_model_file(model: keras.Model, path: Path) -> None:
     """model.keras for inference and export, written atomically: the architecture and the
     weights, not the optimizer's state (Adam's moments would double the file; a resume
     reads last.weights.h5)."""
+    check_free_space(path, weights_nbytes(model.weights) + HDF5_MARGIN)
     optimizer = model.optimizer
     model.optimizer = None  # Keras' .keras format saves whatever optimizer the model holds
     try:
@@ -623,17 +625,29 @@ def starting_weights_record(weights: str, start: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _os_errors_stop_the_run(checkpoints: Checkpoints, run_dir: Path):
-    """Turns an OS error while training or writing the run (e.g. no space left on the
-    device) into `RunStoppedError`, saying which checkpoint is intact and how to go on."""
+def _os_errors_stop_the_run(run_dir: Path):
+    """Turns an OS error while training or writing the run (no space left on the device, a lost
+    mount) into `RunStoppedError`, saying which checkpoint is intact (as the disk holds it) and how
+    to go on. A user's input error that is also an OSError (an unwritable --out) passes unchanged."""
     try:
         yield
     except OSError as e:
+        if isinstance(e, UserInputError):
+            raise
         reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        kept = (f"the last checkpoint ({checkpoints.last}, epoch {checkpoints.last_epoch}) is intact; "
-                f"fix the cause and continue with --resume {run_dir}"
-                if checkpoints.last_epoch else "no epoch was checkpointed; fix the cause and start the run again")
+        done = _checkpointed_epoch(run_dir)
+        kept = (f"the last checkpoint ({run_dir / LAST}, epoch {done}) is intact; fix the cause and continue with "
+                f"--resume {run_dir}" if done else "no epoch was checkpointed; fix the cause and start the run "
+                f"again with --out {run_dir} --overwrite")
         raise RunStoppedError(f"training stopped by an OS error ({reason}); {kept}") from e
+
+
+def _checkpointed_epoch(run_dir: Path) -> int | None:
+    """The epoch of the run's last.weights.h5 on disk (None without a readable one)."""
+    try:
+        return (checkpoint_state(run_dir / LAST) or {}).get("epoch")
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
@@ -650,10 +664,7 @@ def _interrupted_message(run_dir: Path, e: SignalStopError) -> str:
     said = f"stopped by {e}"
     if (run_dir / "metrics.json").is_file():
         return f"{said} after the run had finished; its files in {run_dir} are complete"
-    try:
-        done = (checkpoint_state(run_dir / LAST) or {}).get("epoch")
-    except OSError:
-        done = None
+    done = _checkpointed_epoch(run_dir)
     if done:
         return (f"{said}: the checkpoint of epoch {done} ({run_dir / LAST}) is kept; continue with: "
                 f"KERAS_BACKEND={keras.backend.backend()} python cli.py train --resume {run_dir}")

@@ -126,7 +126,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     message = result.stderr.strip()
     assert "No space left on device" in message and "epoch 1" in message and f"--resume {run_dir}" in message
     assert "Traceback" not in result.output
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no partial file left
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")) == []  # no partial file left
     assert checkpoint_state(run_dir / "last.weights.h5")["epoch"] == 1
     assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
 

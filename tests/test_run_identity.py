@@ -36,15 +36,16 @@ def test_a_new_run_refuses_a_folder_that_holds_files_and_overwrite_empties_it_fi
 @pytest.mark.slow
 def test_overwrite_replaces_the_old_run_whole(demo_dir, tmp_path):
     out = tmp_path / "run"
-    (out / "old-plots").mkdir(parents=True)
-    for name in ("metrics.json", "last.weights.h5", "stale.txt"):
+    (out / "export").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"run_id": "0123456789abcdef", "options": {}}))  # a run of ours
+    for name in ("metrics.json", "last.weights.h5", "eval-test-torch.json", "export/model.onnx"):
         (out / name).write_text("from the run before")
     result = run_cli("train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
                      "--weights", "none", "--out", str(out), "--overwrite", "--verbose", "0")
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
-        "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
+        "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5", ".lock",
+        "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv", "data-fingerprint.tsv",
     }
     check_run_files(out)
     assert json.loads((out / "metrics.json").read_text())["run_id"] == json.loads((out / "config.json").read_text())["run_id"]
