@@ -75,7 +75,7 @@ def cli() -> None:
 # --data-dir may come from --config or, with --resume, from the run itself: checked in _train.
 NOT_REQUIRED = {"data_dir": {"default": None}}
 RESUME = click.option("--resume", default=None, type=click.Path(file_okay=False), cls=GroupedOption, group="Run", help="Continue the interrupted run in this directory after its last finished epoch (its config.json's options are used; --data-dir may name the data's new place).")
-OVERWRITE = click.option("--overwrite", is_flag=True, cls=GroupedOption, group="Run", help="Replace the run in --out: its files are removed before anything new is written (without it, a non-empty --out is refused).")
+OVERWRITE = click.option("--overwrite", is_flag=True, cls=GroupedOption, group="Run", help="Replace the run in --out: the files this project wrote there are removed before anything new is written; a folder holding anything else is refused (without --overwrite, so is any non-empty --out).")
 
 
 @cli.command(cls=GroupedCommand)

@@ -83,7 +83,12 @@ def recorded_data_dir(config: dict) -> str:
     must then find to hold the same files)."""
     given = config["options"]["data_dir"]
     absolute = config.get("data_dir_absolute")
-    return absolute if absolute and Path(absolute).is_dir() else given
+    if absolute and Path(absolute).is_dir():
+        return absolute
+    if absolute and not Path(given).is_dir():
+        raise DatasetError(f"the run's data is no longer at {absolute} (nor at {given} from here); --data-dir "
+                           f"names its new place")
+    return given
 
 
 def check_run_data(run_dir: Path, config: dict, data_dir: str | Path) -> None:

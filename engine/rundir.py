@@ -149,12 +149,11 @@ def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = 
     project writes there (`RUN_FILES`) before anything new is written; a folder holding anything
     else is refused, naming what is there. Never the data folder, inside it, or around it."""
     path = Path(out) if out else None
-    ours = path is not None and is_run_dir(path)  # judged before this run's own lock file marks it
     if path is not None:
         check_apart(path, data_dir)
-        foreign = _foreign_entries(path)
-        if foreign and not ours:  # refused before anything is written into the user's folder
-            raise OutputDirError(f"{path} is not empty and is not a run of this project ({_listed(foreign)}); "
+        entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if entries and not is_run_dir(path):  # refused before anything is written into the user's folder
+            raise OutputDirError(f"{path} is not empty and is not a run of this project ({_listed(entries)}); "
                                  f"choose another --out (nothing was changed)")
     path = prepare_run_dir(out, backend, runs_root)
     lock_run_dir(path, notes)
@@ -164,7 +163,7 @@ def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = 
         raise OutputDirError(f"{path} is not empty ({_listed(held)}): continue that run with --resume {path}, "
                              f"replace it with --overwrite, or choose another --out")
     if held:
-        foreign = _foreign_entries(path) if ours else held
+        foreign = _foreign_entries(path)
         if foreign:
             raise OutputDirError(f"--overwrite {path}: it holds files this project did not write ({_listed(foreign)}); "
                                  f"nothing was removed")

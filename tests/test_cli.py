@@ -131,6 +131,7 @@ def test_one_epoch_train_writes_every_run_file(demo_dir, tmp_path):
     assert names == {  # --keep-checkpoints best: last.weights.h5 went once the run finished
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
         "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
+        "data-fingerprint.tsv", ".lock",
     }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["starting_weights"]["initial"]["sha256"] == file_sha256(run_dir / "initial.weights.h5")

@@ -293,6 +293,7 @@ def test_hybrid_command_trains_two_phases_and_writes_every_run_file(demo_dir, tm
     assert {p.name for p in run_dir.iterdir()} == {
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5",
         "metrics.json", "skipped.txt", "stability.csv", "stability.png", "test_predictions.csv",
+        "data-fingerprint.tsv", ".lock",
     }
     config = json.loads((run_dir / "config.json").read_text())
     assert config["options"]["model"] == "hybrid" and config["options"]["bn_train"] is None

@@ -24,13 +24,19 @@ def error_line(result) -> str:
 def test_a_new_run_refuses_a_folder_that_holds_files_and_overwrite_empties_it_first(demo_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "metrics.json").write_text("{}")  # what a finished run leaves
+    (out / "metrics.json").write_text("{}")  # what a finished run leaves, but no sign that it is one
     args = ["train", "--data-dir", str(demo_dir), "--weights", "none", "--out", str(out)]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert error_line(result) == (f"error: {out} is not empty and is not a run of this project (1 entry: "
+                                  f"metrics.json); choose another --out (nothing was changed)")
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # untouched
+    (out / "config.json").write_text(json.dumps({"run_id": "0123456789abcdef", "options": {}}))  # a run of ours
     result = run_cli(*args)
     assert result.exit_code == 2
     line = error_line(result)
     assert line.startswith(f"error: {out} is not empty") and f"--resume {out}" in line and "--overwrite" in line
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # untouched
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "metrics.json"]  # only its lock added
 
 
 @pytest.mark.slow
@@ -87,7 +93,8 @@ def test_evaluate_finds_moved_data_by_data_dir_and_checks_it_is_the_same(trained
     assert result.exit_code == 0, result.output
     next((data / "Testing" / "glioma").iterdir()).unlink()  # not the run's data any more
     result = run_cli("evaluate", str(run_dir), "--data-dir", str(data))
-    assert result.exit_code == 2 and "not the data the run used" in error_line(result)
+    line = error_line(result)
+    assert result.exit_code == 2 and f"is not the data the run in {run_dir} used: 1 missing, first: Testing/glioma/" in line
 
 
 def test_evaluate_uses_the_absolute_data_path_when_the_relative_one_leads_nowhere(trained_run, tmp_path, demo_dir):
