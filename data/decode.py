@@ -8,6 +8,7 @@ image is read as a viewer shows it); each is reported in `notes`.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -150,18 +151,19 @@ def _upright(img: Image.Image) -> tuple[Image.Image, str | None]:
     return upright, f"EXIF orientation {orientation}: {_ORIENTATIONS[orientation]} to upright (as a viewer shows it)"
 
 
-def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, str]:
+def read_image(path: str, notes: list[str] | None = None, data: bytes | None = None) -> tuple[Image.Image, str]:
     """Opens and decodes an image file at its own size: `(L or RGB image, original mode)`.
 
     An EXIF orientation is applied first. When the image was turned that way, or its pixel
     values had to be rescaled (a float image, or a 16-bit one not using its full range),
-    one line saying what was found and done is appended to `notes` for each.
+    one line saying what was found and done is appended to `notes` for each. `data`: the
+    file's bytes, when the caller read them already (to hash them: the file is read once).
     Raises `DecodeError` with the reason when the file cannot be read.
     """
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    if (len(data) == 0) if data is not None else (os.path.isfile(path) and os.path.getsize(path) == 0):
         raise DecodeError("empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             # Refused here, by size, rather than by turning Pillow's warning into an error:
             # `warnings.catch_warnings` is not thread-safe, and the loader decodes in threads.
             pixels = img.size[0] * img.size[1]
@@ -185,7 +187,7 @@ def read_image(path: str, notes: list[str] | None = None) -> tuple[Image.Image, 
     return img, mode
 
 
-def decode_and_resize(path: str, size: int, notes: list[str] | None = None) -> np.ndarray:
+def decode_and_resize(path: str, size: int, notes: list[str] | None = None, data: bytes | None = None) -> np.ndarray:
     """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
 
     Grayscale images are resized in one channel and repeated, which gives the
@@ -193,7 +195,7 @@ def decode_and_resize(path: str, size: int, notes: list[str] | None = None) -> n
     rescaling of pixel values is reported in `notes`, as in `read_image`. Raises
     `DecodeError` with the reason when the file cannot be read.
     """
-    img, _ = read_image(path, notes)
+    img, _ = read_image(path, notes, data)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)

@@ -31,6 +31,15 @@ def file_digest(path: str | Path) -> Digest:
         return -1, ""
 
 
+def read_and_digest(path: str | Path) -> tuple[bytes | None, Digest]:
+    """A file's bytes (None when it cannot be read: the decoder then says why) and their digest."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, (-1, "")
+    return data, (len(data), hashlib.sha256(data).hexdigest())
+
+
 def relative(path: str | Path, data_dir: str | Path) -> str:
     """`path` below `data_dir`, with forward slashes (the same on every machine)."""
     return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(data_dir))).as_posix()

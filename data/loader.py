@@ -34,7 +34,7 @@ import numpy as np
 from data.augment import AugmentConfig, augment_image, example_rng, normalize
 from data.decode import DecodeError, decode_and_resize
 from data.discovery import Example
-from data.fingerprint import Digest, file_digest
+from data.fingerprint import Digest, read_and_digest
 
 _SHUFFLE_TAG = 0x5348
 
@@ -52,10 +52,10 @@ class DecodedCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._images.values())
 
-    def get(self, path: str, size: int, notes: list[str] | None = None) -> np.ndarray:
+    def get(self, path: str, size: int, notes: list[str] | None = None, data: bytes | None = None) -> np.ndarray:
         image = self._images.get(path)
         if image is None:
-            image = decode_and_resize(path, size, notes)
+            image = decode_and_resize(path, size, notes, data)
             self._images[path] = image  # A dict store is atomic; a race decodes twice, same bytes.
         return image
 
@@ -79,13 +79,14 @@ def scan_examples(
     """
     def load(example: Example) -> tuple[str | None, list[str]]:
         found: list[str] = []
-        if digests is not None:  # the bytes come from the page cache when Pillow reads them next
-            digests[example.path] = file_digest(example.path)
+        data = None
+        if digests is not None:  # one read of the file: hashed, then decoded from memory
+            data, digests[example.path] = read_and_digest(example.path)
         try:
             if cache is not None:
-                cache.get(example.path, image_size, found)
+                cache.get(example.path, image_size, found, data)
             else:
-                decode_and_resize(example.path, image_size, found)
+                decode_and_resize(example.path, image_size, found, data)
         except DecodeError as e:
             return str(e), found
         return None, found
