@@ -16,11 +16,13 @@ from pathlib import Path
 
 import click
 
+from bench.train import BenchSettings
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from engine.bench_train import BenchSettings
-from engine.compare import FACTORS  # Keras-free, like everything imported here
-from engine.config import AUGMENTATION, DATA, HYBRID_RECIPE, TrainConfig
-from engine.options import (
+from errors import UserInputError
+from studies.compare import FACTORS  # Keras-free, like everything imported here
+from studies.parity import ParityConfig
+from training.config import AUGMENTATION, DATA, HYBRID_RECIPE, TrainConfig
+from training.options import (
     GroupedCommand,
     GroupedOption,
     LevelList,
@@ -30,9 +32,7 @@ from engine.options import (
     level_lists,
     preset_option,
 )
-from engine.parity import ParityConfig
-from engine.recipes import RECIPES
-from errors import UserInputError
+from training.recipes import RECIPES
 
 RECIPE = preset_option({name: r.options for name, r in RECIPES.items()},
                        "Start from a named preset of options (options given here or by --config override it): "
@@ -56,7 +56,7 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from engine.backend import check_backend
+        from backend.selection import check_backend
 
         try:
             check_backend()
@@ -109,7 +109,7 @@ def hybrid(**options) -> None:
 
 
 def _train(options: dict) -> None:
-    from engine.config import preflight
+    from training.config import preflight
 
     resume, overwrite, _ = options.pop("resume"), options.pop("overwrite"), options.pop("config_file")
     if resume:
@@ -122,13 +122,13 @@ def _train(options: dict) -> None:
         cfg = TrainConfig(**options)
     checked = preflight(cfg, resume=bool(resume), overwrite=overwrite)  # Before the backend loads: bad input fails fast.
     if cfg.deterministic:
-        from engine.backend import deterministic_environment
+        from backend.determinism import deterministic_environment
 
         os.environ.update(deterministic_environment())  # XLA reads its flags at import.
-    from engine.backend import data_parallel_environment
+    from backend.parallel import data_parallel_environment
 
     os.environ.update(data_parallel_environment(cfg.devices))  # jax on a CPU: N host devices, set before jax starts
-    from engine.train import DivergedError, RunInterruptedError, RunStoppedError, run_training
+    from training.train import DivergedError, RunInterruptedError, RunStoppedError, run_training
 
     try:
         run_training(cfg, checked, resume=bool(resume))
@@ -142,7 +142,7 @@ def _train(options: dict) -> None:
 def _resumed_config(run_dir: str, options: dict) -> TrainConfig | None:
     """The interrupted run's own options (None when it finished), with the data's new place
     when --data-dir is given; other options given with --resume are named as ignored."""
-    from engine.resume import resume_config
+    from training.resume import resume_config
 
     ctx = click.get_current_context()
     given = [name for name in options if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
@@ -186,7 +186,7 @@ def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, wo
 
     from data.audit import audit_dataset, format_audit, list_dataset
     from data.discovery import DatasetError
-    from engine.rundir import OutputDirError, check_output_path, write_json
+    from training.rundir import OutputDirError, check_output_path, write_json
 
     start = time.perf_counter()
     try:
@@ -243,7 +243,7 @@ def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None,
     import keras
 
     from data.loader import pipeline_hash
-    from engine.train import scanned_training_batches
+    from training.train import scanned_training_batches
 
     cfg = TrainConfig(**options)
     batches = scanned_training_batches(cfg)
@@ -261,7 +261,7 @@ def pipeline_hash_command(epoch: int, num_batches: int, config_file: str | None,
 def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers_levels: list[int],
                            baseline: bool) -> None:
     """Measure input-pipeline throughput against a tf.data baseline, side by side, and how it scales with --workers."""
-    from engine.pipeline_bench import format_report, format_scaling, measure, warm_file_cache
+    from bench.pipeline import format_report, format_scaling, measure, warm_file_cache
 
     warm_file_cache(data_dir)
     ours = {}
@@ -288,8 +288,8 @@ def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epoc
 @_user_errors
 def bench_train_command(out: str | None, native: bool, **settings) -> None:
     """Training images/s and peak memory: fit through the pipeline, the bare train step, native torchvision."""
-    from engine.backend import backend_subprocess_env, selected_backend
-    from engine.bench_train import format_report, run_bench
+    from backend.selection import backend_subprocess_env, selected_backend
+    from bench.train import format_report, run_bench
 
     backend = selected_backend()
     report = run_bench(BenchSettings(**settings), backend, backend_subprocess_env(backend), native,
@@ -302,7 +302,7 @@ def bench_train_command(out: str | None, native: bool, **settings) -> None:
 def _installed_backends() -> str:
     import importlib.util
 
-    from engine.backend import SUPPORTED_BACKENDS
+    from backend.selection import SUPPORTED_BACKENDS
 
     return ",".join(b for b in SUPPORTED_BACKENDS if importlib.util.find_spec(b) is not None)
 
@@ -311,7 +311,7 @@ class BackendList(click.ParamType):
     name = "B1,B2,..."
 
     def convert(self, value, param, ctx):
-        from engine.backend import SUPPORTED_BACKENDS
+        from backend.selection import SUPPORTED_BACKENDS
 
         items = value if isinstance(value, tuple | list) else str(value).split(",")  # a list from --config
         names = tuple(str(v).strip() for v in items if str(v).strip())
@@ -331,7 +331,7 @@ def parity(backends, out, plant, **options) -> None:
     """Check that the backends agree: logits, loss, gradients, one SGD step. Exit 1 on FAIL."""
     import time
 
-    from engine.parity import PLANTS, ParityError, format_parity_table, run_parity
+    from studies.parity import PLANTS, ParityError, format_parity_table, run_parity
 
     if len(backends) < 2:
         raise UserError("parity needs at least two backends")
@@ -369,7 +369,7 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
         raise UserError(f"{path}: the file name must end in .weights.h5")
     import keras
 
-    from engine.backend import set_random_seed
+    from backend.determinism import set_random_seed
     from model import ModelSpec, build_model
     from model.weights import resolve_arch
 
@@ -394,8 +394,8 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
     from data.discovery import make_splits
-    from engine.compare import run_compare
     from model.weights import check_weights_file, resolve_backbone_weights
+    from studies.compare import run_compare
 
     factors = {f: options[f] for f in FACTORS}
     for level in factors["weights"]:
@@ -417,8 +417,8 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
     runs (`run(out_dir)`), the report printed, exit 1 when a run failed."""
     import time
 
-    from engine.compare import CompareError
-    from engine.rundir import prepare_run_dir
+    from studies.compare import CompareError
+    from training.rundir import prepare_run_dir
 
     out_dir = Path(prepare_run_dir(out or f"runs/{kind}-{time.strftime('%Y%m%d-%H%M%S')}", kind))
     try:
@@ -446,7 +446,7 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     waterfall.png: each step's effect and the framework effect, with 95% intervals.
     """
     from data.discovery import make_splits
-    from engine.reproduce import run_reproduce
+    from studies.reproduce import run_reproduce
 
     if options["data_dir"] is None:
         raise click.UsageError("Missing option '--data-dir' (or --config FILE).")
@@ -466,8 +466,8 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
 def _check_reproduce_options(options: dict, fixed: dict) -> None:
     """Every step's options are checked before the first run: the starting weights of each step
     (offline ImageNet or torchvision weights fail here, in a second) and the schedule."""
-    from engine.reproduce import plan_steps, step_options
     from model.weights import resolve_backbone_weights
+    from studies.reproduce import plan_steps, step_options
 
     shared = step_options(options, fixed)
     for step in plan_steps(fixed):
@@ -491,8 +491,8 @@ CHECKPOINT = click.option("--checkpoint", default="final", show_default=True, ty
 @_user_errors
 def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, batch_size: int, workers: int) -> None:
     """Score a trained run on a labelled split under the active backend; writes eval-<split>-<backend>.json."""
-    from engine.evaluate import evaluate_run
-    from engine.inference import load_run, split_examples
+    from inference.evaluate import evaluate_run
+    from inference.run import load_run, split_examples
 
     run = load_run(run_dir, checkpoint)
     examples, source = split_examples(run, data_dir, split)
@@ -509,8 +509,8 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 @_user_errors
 def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshold: float, checkpoint: str, batch_size: int) -> None:
     """Predict the class of images (files or folders). Exit 1 when some could not be read."""
-    from engine.inference import format_predictions, load_run, predict_files, write_predictions_csv
-    from engine.rundir import check_output_path, recorded_data_folder
+    from inference.run import format_predictions, load_run, predict_files, write_predictions_csv
+    from training.rundir import check_output_path, recorded_data_folder
 
     if csv_path:  # before the predictions, not after them
         check_output_path(csv_path, "--csv", run_dir, recorded_data_folder(run_dir))
@@ -540,9 +540,9 @@ def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshol
 def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | None, checkpoint: str) -> None:
     """Grad-CAM heatmaps on the last convolutional stage, saved as overlay PNGs."""
 
-    from engine.gradcam import cam_layer, explain_files
-    from engine.inference import expand_paths, load_run
-    from engine.rundir import check_output_path, prepare_run_dir, recorded_data_folder
+    from inference.gradcam import cam_layer, explain_files
+    from inference.run import expand_paths, load_run
+    from training.rundir import check_output_path, prepare_run_dir, recorded_data_folder
 
     check_output_path(out, "--out", run_dir, recorded_data_folder(run_dir), folder=True)
     run = load_run(run_dir, checkpoint)
@@ -576,9 +576,9 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
     Exit 2 when the active backend cannot produce the format, 1 when the export fails or disagrees.
     """
 
-    from engine.export import ExportError, ExportUnsupportedError, check_supported, export_run, record_path
-    from engine.inference import load_run
-    from engine.rundir import check_output_path, recorded_data_folder
+    from inference.export import ExportError, ExportUnsupportedError, check_supported, export_run, record_path
+    from inference.run import load_run
+    from training.rundir import check_output_path, recorded_data_folder
 
     if out:
         check_output_path(out, "--out", run_dir, recorded_data_folder(run_dir), own="export", folder=True)
@@ -601,8 +601,8 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 @_user_errors
 def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | None) -> None:
     """One self-contained HTML report for a run directory or a compare directory."""
-    from engine.report import build_report
-    from engine.rundir import check_output_path, recorded_data_folder
+    from inference.report import build_report
+    from training.rundir import check_output_path, recorded_data_folder
 
     check_output_path(out or Path(path) / "report.html", "--out", path, data_dir or recorded_data_folder(path),
                       own="report.html")
@@ -618,7 +618,7 @@ def parity_worker(spec: str, weights: str, out: str) -> None:
     """Compute the parity quantities under the active backend (used by `parity`)."""
     import json
 
-    from engine.parity import ParityConfig, run_worker
+    from studies.parity import ParityConfig, run_worker
 
     fields = json.loads(Path(spec).read_text())
     fields["backends"] = tuple(fields["backends"])

@@ -1,6 +1,6 @@
 """Markdown tables: the one way the project writes them (run reports, audit, CLI output).
 
-It imports nothing of the project, so both `data/` and `engine/` use it without an import
+It imports nothing of the project, so both `data/` and the packages above it use it without an import
 cycle; it sits in `data/`, the lower of the two packages, for that reason.
 """
 

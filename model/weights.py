@@ -8,7 +8,6 @@ in a subprocess (so a tensorflow or jax process never loads torch), into Keras' 
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import importlib.util
@@ -23,12 +22,34 @@ from model.spec import ARCHS, KERAS_V1, TORCHVISION_V15
 
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _WEIGHTS_HOST = "storage.googleapis.com"
-# Where keras.applications.ResNet50 keeps the published hashes of its weight files, and where
-# in the table the notop file's is (`WEIGHTS_HASHES["resnet50"] = (top, notop)`), and the
-# folder URL it downloads them from.
-_KERAS_RESNET_SOURCE = ("src", "applications", "resnet.py")
-_HASH_TABLE, _HASH_KEY, _NOTOP = "WEIGHTS_HASHES", "resnet50", 1
-_BASE_URL = "BASE_WEIGHTS_PATH"
+# Keras' ImageNet weight files for its ResNets, {file name: published md5}, and the folder URL they
+# are downloaded from: what `keras.applications.ResNet50` passes to `keras.utils.get_file(name,
+# url, file_hash=...)`, and what `model.resnet` passes it too. Copied from keras 3.15.1,
+# keras/src/applications/resnet.py: WEIGHTS_HASHES ({name: (top, notop)}, for the files
+# `{name}_weights_tf_dim_ordering_tf_kernels.h5` and `{name}_weights_tf_dim_ordering_tf_kernels_notop.h5`)
+# and BASE_WEIGHTS_PATH. tests/test_weights.py fails when the installed Keras publishes another
+# file, hash or URL: copy them again from its source then.
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+KERAS_WEIGHTS_HASHES = {
+    "resnet50_weights_tf_dim_ordering_tf_kernels.h5": "2cb95161c43110f7111970584f804107",
+    "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5": "4d473c1dd8becc155b73f8504c6f6626",
+    "resnet101_weights_tf_dim_ordering_tf_kernels.h5": "f1aeb4b969a6efcfb50fad2f0c20cfc5",
+    "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5": "88cf7a10940856eca736dc7b7e228a21",
+    "resnet152_weights_tf_dim_ordering_tf_kernels.h5": "100835be76be38e30d865e96f2aaae62",
+    "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5": "ee4c566cf9a93f14d82f913c2dc6dd0c",
+    "resnet50v2_weights_tf_dim_ordering_tf_kernels.h5": "3ef43a0b657b3be2300d5770ece849e0",
+    "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5": "fac2f116257151a9d068a22e544a4917",
+    "resnet101v2_weights_tf_dim_ordering_tf_kernels.h5": "6343647c601c52e1368623803854d971",
+    "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5": "c0ed64b8031c3730f411d2eb4eea35b5",
+    "resnet152v2_weights_tf_dim_ordering_tf_kernels.h5": "a49b44d1979771252814e80f8ec446f9",
+    "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5": "ed17cf2e0169df9d443503ef94b23b33",
+    "resnext50_weights_tf_dim_ordering_tf_kernels.h5": "67a5b30d522ed92f75a1f16eef299d1a",
+    "resnext50_weights_tf_dim_ordering_tf_kernels_notop.h5": "62527c363bdd9ec598bed41947b379fc",
+    "resnext101_weights_tf_dim_ordering_tf_kernels.h5": "34fb605428fcc7aa4d62f44404c11509",
+    "resnext101_weights_tf_dim_ordering_tf_kernels_notop.h5": "0f678c91647380debd923963594981b3",
+}
+_TOP_SUFFIX = "_weights_tf_dim_ordering_tf_kernels.h5"
+_NOTOP_SUFFIX = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
 _CHUNK = 2**20  # bytes read at a time when hashing a file
 
 # torchvision's ResNet50 weights, `--weights NAME: (ResNet50_Weights member, file name)`, as
@@ -82,28 +103,21 @@ def file_sha256(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
 
 
-def _keras_resnet_constant(name: str, what: str):
-    """A constant of `keras.applications.resnet`'s source, read with `ast`, not imported:
-    importing any `keras.src` module loads a backend, and this runs before one."""
-    spec = importlib.util.find_spec("keras")  # a top-level package is found, not imported
-    source = Path(spec.submodule_search_locations[0], *_KERAS_RESNET_SOURCE) if spec else None
-    try:
-        tree = ast.parse(source.read_text())
-        return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-                    and any(getattr(t, "id", None) == name for t in node.targets))
-    except (AttributeError, OSError, SyntaxError, StopIteration, ValueError) as e:
-        raise WeightsError(f"cannot read Keras' {what} ({name}) from {source}: {type(e).__name__} {e}") from None
+def keras_weights_file_names(name: str) -> tuple[str, str]:
+    """The (top, notop) file names Keras gives the ImageNet weights of ResNet `name`."""
+    return name + _TOP_SUFFIX, name + _NOTOP_SUFFIX
 
 
 def published_hashes() -> dict[str, tuple[str, str]]:
-    """Keras' table of the ResNet weight files' published hashes, `{name: (top, notop)}`, as
-    `keras.applications.ResNet50` hands them to `get_file`."""
-    return _keras_resnet_constant(_HASH_TABLE, "published weight hashes")
+    """Keras' published hashes of the ResNet weight files, `{name: (top, notop)}`, in the shape of
+    Keras' WEIGHTS_HASHES, from `KERAS_WEIGHTS_HASHES` (no Keras import: this runs before a backend)."""
+    names = [file[: -len(_NOTOP_SUFFIX)] for file in KERAS_WEIGHTS_HASHES if file.endswith(_NOTOP_SUFFIX)]
+    return {name: tuple(KERAS_WEIGHTS_HASHES[file] for file in keras_weights_file_names(name)) for name in names}
 
 
 def imagenet_url() -> str:
     """Where `keras.applications.ResNet50` downloads the ImageNet notop file from."""
-    return _keras_resnet_constant(_BASE_URL, "weights URL") + IMAGENET_NOTOP_FILE
+    return KERAS_WEIGHTS_URL + IMAGENET_NOTOP_FILE
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +128,7 @@ def _digest_of(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
 def check_imagenet_file(path: Path) -> None:
     """Raises `WeightsError` unless `path` has Keras' published hash of the ResNet50 notop
     file (md5 for a 32-character hash, SHA-256 for 64, as Keras' `get_file` does)."""
-    expected = published_hashes()[_HASH_KEY][_NOTOP]
+    expected = published_hashes()["resnet50"][1]
     algorithm = "sha256" if len(expected) == 64 else "md5"
     stat = path.stat()
     if _digest_of(str(path), algorithm, stat.st_size, stat.st_mtime_ns) != expected:

@@ -13,7 +13,7 @@ export KERAS_BACKEND=$BACKEND
 $PY cli.py train "${ARGS[@]}" --out "$OUT/whole" > "$OUT/whole.log" 2>&1 || { echo "uninterrupted run failed"; tail -5 "$OUT/whole.log"; exit 1; }
 $PY cli.py train "${ARGS[@]}" --out "$OUT/cut" > "$OUT/cut.log" 2>&1 &
 pid=$!
-until $PY -c "import sys; from engine.rundir import checkpoint_state as s; sys.exit(0 if (s('$OUT/cut/last.weights.h5') or {}).get('epoch', 0) >= 1 else 1)" 2>/dev/null; do
+until $PY -c "import sys; from training.rundir import checkpoint_state as s; sys.exit(0 if (s('$OUT/cut/last.weights.h5') or {}).get('epoch', 0) >= 1 else 1)" 2>/dev/null; do
   kill -0 $pid 2>/dev/null || { echo "the run ended before it could be killed"; exit 1; }
   sleep 0.2
 done

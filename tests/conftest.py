@@ -56,8 +56,8 @@ def cli_env(backend: str) -> dict[str, str]:
 def trained_run(demo_dir, tmp_path_factory) -> Path:
     """A small finished run on the demo data under the active backend: the hybrid cut at
     conv3 with one head block, 64 px (8x8 Grad-CAM maps), two epochs."""
-    from engine.config import TrainConfig
-    from engine.train import run_training
+    from training.config import TrainConfig
+    from training.train import run_training
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = TrainConfig(

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.rundir import file_sha256
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import error_lines, run_cli
+from training.rundir import file_sha256
 
 RNG = np.random.default_rng(0)
 TF_STARTUP_LINES = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ")
@@ -219,7 +219,7 @@ def test_a_keras_file_with_a_lambda_layer_is_refused(tmp_path, trained_run):
 
 def test_class_imbalance_beyond_the_threshold_is_reported_not_refused(tmp_path):
     from data.discovery import Example, Splits
-    from engine.config import IMBALANCE_REPORTED, TrainConfig, check_splits
+    from training.config import IMBALANCE_REPORTED, TrainConfig, check_splits
 
     assert IMBALANCE_REPORTED == 10.0  # the figures below
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.bench_train import KERAS_FIT, KERAS_STEP, TORCHVISION, BenchSettings, summarize, window_rates
+from bench.train import KERAS_FIT, KERAS_STEP, TORCHVISION, BenchSettings, summarize, window_rates
 from tests.conftest import active_backend
 from tests.test_cli import run_subprocess
 

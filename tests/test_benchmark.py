@@ -1,6 +1,6 @@
 import pytest
 
-from engine.pipeline_bench import format_report, format_scaling, measure
+from bench.pipeline import format_report, format_scaling, measure
 from tests.conftest import active_backend
 
 

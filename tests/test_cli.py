@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine.rundir import file_sha256
 from model import weights as weights_module
 from tests.conftest import BACKENDS, ROOT, active_backend, cli_env, make_layout
+from training.rundir import file_sha256
 
 
 def run_cli(*args: str):

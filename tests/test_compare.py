@@ -10,7 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from engine.compare import (
+from model import weights as weights_module
+from studies.compare import (
     FACTORS,
     Run,
     child_options,
@@ -22,9 +23,8 @@ from engine.compare import (
     train_command,
     unshared_starts,
 )
-from engine.rundir import file_sha256
-from model import weights as weights_module
 from tests.conftest import ROOT, active_backend, cli_env
+from training.rundir import file_sha256
 
 
 def fake_result(backend: str, preprocess: str, seed: int, test_accuracy: float, val_acc: list[float]) -> dict:

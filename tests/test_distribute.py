@@ -148,9 +148,9 @@ def test_torch_devices_without_matching_torchrun_is_refused_in_one_line(tmp_path
 def test_replica_shares_are_the_global_batch_cut_to_a_multiple_of_the_devices(demo_dir):
     """The pipeline's bytes, split: the processes' shares put together are the global batch; the
     last, partial batch is cut to a multiple of N rows; evaluation batches are padded, weight 0."""
-    from engine.config import TrainConfig
-    from engine.distribute import EvenBatches, Replicas, ReplicaShares
-    from engine.train import training_batches
+    from backend.distribute import EvenBatches, Replicas, ReplicaShares
+    from training.config import TrainConfig
+    from training.train import training_batches
 
     cfg = TrainConfig(data_dir=str(demo_dir), image_size=32, batch_size=8, workers=0)
     examples = cfg.splits().train[:21]  # batches of 8, 8 and 5 rows
@@ -171,9 +171,9 @@ def test_replica_shares_are_the_global_batch_cut_to_a_multiple_of_the_devices(de
 
 
 def test_one_device_changes_nothing(demo_dir):
-    from engine.config import TrainConfig
-    from engine.distribute import active, for_evaluation, for_training, replicas
-    from engine.train import training_batches
+    from backend.distribute import active, for_evaluation, for_training, replicas
+    from training.config import TrainConfig
+    from training.train import training_batches
 
     cfg = TrainConfig(data_dir=str(demo_dir), image_size=32, batch_size=8, workers=0)
     batches = training_batches(cfg, cfg.splits().train, None)
@@ -189,17 +189,18 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
     whose input is the same on both, must agree after the replicas share their statistics; and the
     replicas' predictions of 5 images must be those of one device holding rank 0's weights).
     Writes out/step.json."""
-    from engine.backend import average_across_processes, data_parallel_environment, set_random_seed
+    from backend.determinism import set_random_seed
+    from backend.parallel import average_across_processes, data_parallel_environment
 
     os.environ.update(data_parallel_environment(DEVICES))  # before jax starts
     import keras
 
+    from backend import distribute
     from data.loader import MRIBatches
-    from engine import distribute
-    from engine.config import TrainConfig
-    from engine.losses import training_loss
-    from engine.train import training_batches
     from model import build_model
+    from training.config import TrainConfig
+    from training.losses import training_loss
+    from training.train import training_batches
 
     cfg = TrainConfig(data_dir=data_dir, image_size=32, batch_size=8, augment="none", dropout=0.0, workers=0,
                       preprocess="imagenet", **SMALL)

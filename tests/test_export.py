@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
+from backend.exports import missing_export_module
 from data.augment import normalize
-from engine.backend import missing_export_module
-from engine.export import PROBABILITY_ATOL
-from engine.inference import load_run, read_images
+from inference.export import PROBABILITY_ATOL
+from inference.run import load_run, read_images
 from tests.test_cli import error_lines, run_cli
 
 

@@ -9,10 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-from engine.callbacks import Checkpoints, NonFiniteGuard
-from engine.schedule import Phase, WarmupSchedule, carry_optimizer_state, phase_learning_rate
-from engine.stability import StabilityMonitor, gradient_ratio, group_gradient_norms
-from engine.train import fit_phases
 from model import CUTS, ModelSpec, build_hybrid, build_model
 from model.spec import CUT_LAYERS
 from model.structure import (
@@ -24,6 +20,10 @@ from model.structure import (
 )
 from tests.conftest import active_backend
 from tests.test_compare import cli
+from training.callbacks import Checkpoints, NonFiniteGuard
+from training.schedule import Phase, WarmupSchedule, carry_optimizer_state, phase_learning_rate
+from training.stability import StabilityMonitor, gradient_ratio, group_gradient_norms
+from training.train import fit_phases
 
 SIZE = 32
 RNG = np.random.default_rng(0)

@@ -8,13 +8,13 @@ import keras
 import numpy as np
 import pytest
 
-from engine.evaluate import evaluate_run
-from engine.gradcam import grad_cam, split_at_cam_layer
-from engine.inference import RunError, load_model_file, load_run, predict_files, split_examples
-from engine.metrics import roc_auc
+from inference.evaluate import evaluate_run
+from inference.gradcam import grad_cam, split_at_cam_layer
+from inference.run import RunError, load_model_file, load_run, predict_files, split_examples
 from model import ModelSpec, build_model
 from tests.conftest import BACKENDS, active_backend, write_image
 from tests.test_cli import error_lines, run_cli, run_subprocess
+from training.metrics import roc_auc
 
 # Probabilities of one saved model under two backends (measured: <= 1e-6 on CPU).
 PROBABILITY_ATOL = 1e-4

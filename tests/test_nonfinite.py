@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine.callbacks import Checkpoints, NonFiniteGuard, nonfinite_variables
 from tests.conftest import active_backend
 from tests.test_cli import run_subprocess
+from training.callbacks import Checkpoints, NonFiniteGuard, nonfinite_variables
 
 
 @pytest.mark.parametrize("option", ["--lr", "--head-lr"])

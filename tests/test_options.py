@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from cli import cli, compare, hybrid, init_weights, pipeline_hash_command, train
 from data.augment import AugmentConfig
-from engine.config import HYBRID_RECIPE, TrainConfig
-from engine.options import cli_fields, command_defaults
-from engine.rundir import file_sha256
 from tests.conftest import active_backend
 from tests.test_cli import run_subprocess
+from training.config import HYBRID_RECIPE, TrainConfig
+from training.options import cli_fields, command_defaults
+from training.rundir import file_sha256
 
 
 def cli_defaults(command, args: list[str] | None = None) -> dict:
@@ -87,7 +87,7 @@ def test_a_bad_config_file_is_refused_before_anything_runs(tmp_path, content, me
 @pytest.mark.slow
 @pytest.mark.skipif(active_backend() != "jax", reason="backend-independent bytes; runs once, in the jax pass")
 def test_parity_batch_is_batch_0_of_a_default_train_run(demo_dir):
-    from engine.parity import ParityConfig, parity_batch
+    from studies.parity import ParityConfig, parity_batch
 
     cfg = ParityConfig(backends=("torch", "jax"), data_dir=str(demo_dir))
     _, _, digest = parity_batch(cfg, cfg.preprocess)
@@ -154,8 +154,8 @@ def test_keep_checkpoints_all_keeps_what_resumes_and_no_file_repeats_the_optimiz
 def test_the_options_reference_is_generated_from_the_cli():
     """docs/options.md is what scripts/options-doc writes from these declarations."""
     from data.markdown import markdown_table
-    from engine.options import options_reference
     from tests.conftest import ROOT
+    from training.options import options_reference
 
     text = options_reference(cli, markdown_table)
     assert (ROOT / "docs" / "options.md").read_text() == text, "run scripts/options-doc"

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.parity import NOISE_FACTOR, QUANTITIES, TOLERANCES, compare_pair, worst_difference
+from studies.parity import NOISE_FACTOR, QUANTITIES, TOLERANCES, compare_pair, worst_difference
 from tests.conftest import ROOT, active_backend, cli_env
 
 

@@ -9,10 +9,10 @@ import sys
 import keras
 import pytest
 
-from engine.config import ConfigError, TrainConfig
-from engine.schedule import plan_phases
 from model import ModelSpec, build_model
 from tests.conftest import ROOT, active_backend, cli_env
+from training.config import ConfigError, TrainConfig
+from training.schedule import plan_phases
 
 # The hybrid cut at conv3 with one small head block: the layers that matter here (the backbone's
 # conv1_conv, the logits) at a fraction of ResNet50's build and compile time.
@@ -39,7 +39,7 @@ def test_a_mixed_model_computes_in_half_precision_with_float32_variables_and_log
 
 
 def test_float16_training_gets_loss_scaling(float32_afterwards, tmp_path):
-    from engine.train import compile_phase
+    from training.train import compile_phase
 
     cfg = TrainConfig(data_dir=str(tmp_path), precision="mixed_float16", epochs=1, weights="none", **SMALL)
     model = build_model(cfg.model_spec(), num_classes=4, image_size=32)

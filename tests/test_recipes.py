@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from engine.config import TrainConfig
-from engine.options import cli_fields, click_options, config_file_option
-from engine.recipes import RECIPES
-from engine.schedule import Phase, phase_optimizer
+from training.config import TrainConfig
+from training.options import cli_fields, click_options, config_file_option
+from training.recipes import RECIPES
+from training.schedule import Phase, phase_optimizer
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -65,7 +65,7 @@ def test_an_unknown_recipe_is_refused_with_the_names():
 
 
 def test_label_smoothing_matches_keras_one_hot_cross_entropy_on_this_backend():
-    from engine.losses import SmoothedSparseCrossentropy, training_loss
+    from training.losses import SmoothedSparseCrossentropy, training_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 4)).astype("float32") * 3

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.compare import plot_curves, summarise, summary_row
-from engine.inference import RunError
-from engine.report import build_report, markdown_html, resolve_run_dir
-from engine.rundir import read_history
+from inference.report import build_report, markdown_html, resolve_run_dir
+from inference.run import RunError
+from studies.compare import plot_curves, summarise, summary_row
 from tests.conftest import active_backend
 from tests.test_cli import run_cli
+from training.rundir import read_history
 
 RUN_SECTIONS = ["Summary", "Results", "Training curves", "Per-class metrics", "Confusion matrices", "Evaluations",
                 "Training stability", "Grad-CAM", "Configuration and environment"]

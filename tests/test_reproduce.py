@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.compare import backend_effects, paired_comparison
-from engine.recipes import recipe_options
-from engine.reproduce import (
+from studies.compare import backend_effects, paired_comparison
+from studies.reproduce import (
     BASELINE,
     FACTOR_STEPS,
     TARGET,
@@ -22,8 +21,9 @@ from engine.reproduce import (
     plot_waterfall,
     step_options,
 )
-from engine.rundir import PREDICTIONS_FILE, write_csv
 from tests.conftest import ROOT, active_backend, cli_env
+from training.recipes import recipe_options
+from training.rundir import PREDICTIONS_FILE, write_csv
 
 
 def test_the_steps_change_every_option_in_which_the_two_recipes_differ_and_end_at_the_target():

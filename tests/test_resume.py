@@ -17,11 +17,11 @@ import keras
 import pytest
 
 from data.demo import make_demo_data
-from engine.compare import _resumable, train_command
-from engine.rundir import atomic_write, checkpoint_state
+from studies.compare import _resumable, train_command
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import run_cli
 from tests.test_compare import cli, final_weights, h5_arrays
+from training.rundir import atomic_write, checkpoint_state
 
 
 def _train_args(demo_dir, command: str = "train") -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from engine.rundir import check_run_files
+from training.rundir import check_run_files
 
 
 def run_cli(*args: str):

@@ -1,4 +1,4 @@
-"""engine.stats: intervals over seeds, McNemar and the bootstrap over test images, the wording.
+"""studies.stats: intervals over seeds, McNemar and the bootstrap over test images, the wording.
 
 Expected values are computed by hand (closed forms, exact binomial sums), not by the module."""
 
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.stats import (
+from studies.stats import (
     Interval,
     cell,
     mcnemar,
@@ -333,6 +333,6 @@ def test_cell():
 
 
 def test_the_module_imports_no_keras_and_no_scipy():
-    code = "import sys, engine.stats; print(sorted(m for m in ('keras', 'scipy') if m in sys.modules))"
+    code = "import sys, studies.stats; print(sorted(m for m in ('keras', 'scipy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
-"""The code's shape: no import cycles among the project's modules, and the modules that check
-options before a backend loads import no Keras."""
+"""The code's shape: packages import only downwards (command line -> studies / using a run /
+benchmarks -> training core -> backend -> model, data), no import cycles, and everything the
+command line imports before a backend loads imports no framework."""
 
 import ast
 import subprocess
@@ -9,7 +10,10 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("data", "engine", "model")
+PACKAGES = ("data", "model", "backend", "training", "studies", "inference", "bench")
+# A package may import a package of a lower layer, never one of its own layer or above.
+LAYERS = {"cli": 4, "studies": 3, "inference": 3, "bench": 3, "training": 2, "backend": 1, "data": 0, "model": 0,
+          "errors": -1}
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -30,6 +34,27 @@ def project_imports() -> dict[str, set[str]]:
     return graph
 
 
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """The imports from one package into another that is not below it (`a -> b`)."""
+    def package(module: str) -> str:
+        return module.split(".")[0]
+
+    return sorted(f"{module} -> {dep}" for module, deps in graph.items() for dep in deps
+                  if package(dep) != package(module) and LAYERS[package(dep)] >= LAYERS[package(module)])
+
+
+def test_packages_import_only_downwards():
+    assert set(LAYERS) - {"cli", "errors"} == set(PACKAGES)
+    assert upward_imports(project_imports()) == []
+
+
+def test_an_upward_or_sideways_import_is_found():
+    planted = {"training.train": {"studies.compare", "backend.selection"}, "inference.run": {"studies.stats"},
+               "backend.devices": {"training.rundir"}, "data.loader": {"model.spec"}, "cli": {"training.config"}}
+    assert upward_imports(planted) == ["backend.devices -> training.rundir", "data.loader -> model.spec",
+                                       "inference.run -> studies.stats", "training.train -> studies.compare"]
+
+
 def test_no_import_cycles():
     graph, cycles, state = project_imports(), [], {}
 
@@ -48,8 +73,11 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("module", ["model", "model.spec", "model.factory", "model.weights", "data.markdown"])
+@pytest.mark.parametrize("module", ["cli", "model", "model.spec", "model.factory", "model.weights", "data.markdown",
+                                    "training.config", "training.resume", "training.rundir", "backend.selection"])
 def test_option_checking_modules_import_no_keras(module):
+    """`cli` covers every module the command line imports before a backend loads (a framework
+    imported there would load before KERAS_BACKEND is checked, and slow every `--help`)."""
     code = f"import sys, {module}; print(sorted(m for m in ('keras', 'torch', 'tensorflow', 'jax') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]"

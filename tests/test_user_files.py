@@ -26,7 +26,7 @@ from conftest import ROOT, active_backend, cli_env
 from cli import cli
 from data.demo import make_demo_data
 from data.fingerprint import differences, fingerprint
-from engine.rundir import (
+from training.rundir import (
     LOCK_FILE,
     OutputDirError,
     RunDirBusyError,
@@ -236,8 +236,8 @@ def test_a_signal_mid_run_keeps_the_last_epoch_and_resume_runs_each_epoch_once(d
 def test_a_signal_during_a_checkpoint_write_finishes_the_write_then_stops(demo_dir, tmp_path, monkeypatch):
     import keras
 
-    from engine.config import TrainConfig
-    from engine.train import RunInterruptedError, run_training
+    from training.config import TrainConfig
+    from training.train import RunInterruptedError, run_training
 
     save_weights = keras.saving.save_weights
 
@@ -269,7 +269,7 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_and_said(tmp_path):
 
 
 def test_a_disk_too_full_for_a_checkpoint_stops_in_one_line_before_writing(demo_dir, tmp_path, monkeypatch):
-    import engine.rundir
+    import training.rundir
 
     real = shutil.disk_usage
 
@@ -277,7 +277,7 @@ def test_a_disk_too_full_for_a_checkpoint_stops_in_one_line_before_writing(demo_
         usage = real(path)
         return usage._replace(free=40 * 2**20) if str(tmp_path) in str(path) else usage
 
-    monkeypatch.setattr(engine.rundir.shutil, "disk_usage", nearly_full)
+    monkeypatch.setattr(training.rundir.shutil, "disk_usage", nearly_full)
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--out", str(out), "--epochs", "1", *TINY])
     assert result.exit_code == 1

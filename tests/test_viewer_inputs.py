@@ -14,9 +14,9 @@ from PIL import Image
 
 from data.decode import decode_and_resize, read_image
 from data.discovery import DatasetError, Example, Splits, discover, make_splits
-from engine import config
-from engine.config import ConfigError, TrainConfig, check_splits, memory_estimate
 from tests.conftest import ROOT, cli_env, make_layout, write_image
+from training import config
+from training.config import ConfigError, TrainConfig, check_splits, memory_estimate
 
 # A smooth, non-symmetric 32x48 image (a bright block top-left): every one of the 8
 # orientations gives a different array, and JPEG keeps a smooth image within a few levels.

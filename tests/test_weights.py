@@ -22,13 +22,50 @@ def cache_file(keras_home, data: bytes):
     return path
 
 
-def test_the_published_hash_is_keras_own_and_read_without_importing_keras():
-    from keras.src.applications.resnet import WEIGHTS_HASHES
+def test_the_hash_table_is_the_installed_keras_own():
+    """The project's copy of Keras' table agrees with the installed Keras' (its source, read as
+    the runtime no longer does): a Keras upgrade that changes a file, hash or URL fails here."""
+    from keras.src.applications import resnet
 
-    code = ("import sys; from model.weights import published_hashes; h = published_hashes()['resnet50'][1]; "
-            "print(h, 'keras' in sys.modules)")
+    from_keras = {}
+    for name, hashes in resnet.WEIGHTS_HASHES.items():
+        from_keras.update(zip(weights_module.keras_weights_file_names(name), hashes, strict=True))
+    assert from_keras == weights_module.KERAS_WEIGHTS_HASHES
+    assert weights_module.published_hashes() == resnet.WEIGHTS_HASHES
+    assert weights_module.KERAS_WEIGHTS_URL == resnet.BASE_WEIGHTS_PATH
+
+
+class _AskedError(Exception):
+    pass
+
+
+def test_keras_resnet50_asks_get_file_for_the_same_file_url_and_hash(monkeypatch):
+    """What `keras.applications.ResNet50(weights="imagenet")` hands `get_file` is what
+    `model.resnet` hands it: the notop file, its URL and its published hash (and the top file's)."""
+    import keras
+    from keras.src.utils import file_utils
+
+    def get_file(fname, origin, cache_subdir, file_hash):
+        raise _AskedError(fname, origin, cache_subdir, file_hash)
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)
+    asked = []
+    for include_top in (False, True):
+        with pytest.raises(_AskedError) as call:
+            keras.applications.ResNet50(include_top=include_top, weights="imagenet",
+                                        input_shape=None if include_top else (32, 32, 3))
+        asked.append(call.value.args)
+    top, notop = weights_module.keras_weights_file_names("resnet50")
+    assert asked[0] == (NOTOP, weights_module.imagenet_url(), "models", weights_module.published_hashes()["resnet50"][1])
+    assert notop == NOTOP and asked[0][3] == weights_module.KERAS_WEIGHTS_HASHES[NOTOP]
+    assert asked[1] == (top, weights_module.KERAS_WEIGHTS_URL + top, "models", weights_module.KERAS_WEIGHTS_HASHES[top])
+
+
+def test_the_published_hash_is_read_without_importing_keras():
+    code = ("import sys; from model.weights import published_hashes, imagenet_url; "
+            "h = published_hashes()['resnet50'][1]; imagenet_url(); print(h, 'keras' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert result.stdout.split() == [WEIGHTS_HASHES["resnet50"][1], "False"]
+    assert result.stdout.split() == [weights_module.KERAS_WEIGHTS_HASHES[NOTOP], "False"]
 
 
 def test_a_cached_file_is_used_only_while_it_has_the_published_hash(tmp_path, monkeypatch):

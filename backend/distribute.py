@@ -1,5 +1,5 @@
 """Data-parallel training (`--devices N`): one model, N replicas, each training on its share of
-the same global batch, through each framework's own engine (engine.backend, "Data parallelism":
+the same global batch, through each framework's own engine (backend, "Data parallelism":
 jax's DataParallel distribution, tensorflow's MirroredStrategy, torch processes under torchrun).
 
 What is the same on every backend lives here:
@@ -26,14 +26,14 @@ from collections.abc import Iterator
 import keras
 import numpy as np
 
-from data.loader import MRIBatches
-from engine.backend import (
+from backend.parallel import (
     average_across_processes,
     average_gradients_across_processes,
     average_over_replicas,
     broadcast_from_first_process,
     data_parallel,
 )
+from data.loader import MRIBatches
 
 
 @dataclasses.dataclass(frozen=True)

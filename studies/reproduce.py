@@ -9,7 +9,7 @@ change), and the framework effect is the paired difference between backends at o
 both with their 95% interval over seeds, on one scale, so a reader sees which change
 explains the gap and whether the framework does at all.
 
-The runs are `compare`'s (`engine.compare.run_grid`): each in its own process, reused when
+The runs are `compare`'s (`studies.compare.run_grid`): each in its own process, reused when
 finished, resumed when interrupted.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from data.markdown import markdown_table
-from engine import stats
-from engine.compare import (
+from studies import stats
+from studies.compare import (
     Run,
     comparison_cell,
     comparison_noise,
@@ -34,8 +34,8 @@ from engine.compare import (
     run_grid,
     run_test_accuracy,
 )
-from engine.recipes import recipe_options
-from engine.rundir import atomic_write, write_json
+from training.recipes import recipe_options
+from training.rundir import atomic_write, write_json
 
 BASELINE, TARGET = "seed-keras", "seed-pytorch"
 # The factors the two recipes differ in, in the order they change; every option in which the

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from backend.selection import backend_subprocess_env
 from data.markdown import markdown_table
-from engine import stats
-from engine.backend import backend_subprocess_env
-from engine.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
-from engine.rundir import (
+from model.weights import resolve_arch
+from studies import stats
+from training.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
+from training.rundir import (
     PREDICTIONS_FILE,
     atomic_write,
     checkpoint_state,
@@ -36,7 +37,6 @@ from engine.rundir import (
     read_history,
     write_json,
 )
-from model.weights import resolve_arch
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights", "precision")

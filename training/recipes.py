@@ -2,7 +2,7 @@
 a from-scratch CPU recipe. A recipe only supplies defaults: options given on the command line,
 or by a `--config` file, still win, and the resolved options land in config.json.
 
-Keras-free, like `engine.options`: recipes are checked before a backend loads.
+Keras-free, like `training.options`: recipes are checked before a backend loads.
 """
 
 from __future__ import annotations

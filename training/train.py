@@ -2,7 +2,7 @@
 
 The steps, each a function a reader finds here: `load_data` (decode the splits once),
 `build_run_model` (the starting point), `start_run_dir` (initial weights and config.json;
-a resume reconciles the interrupted directory instead, see engine.resume), `train_model`
+a resume reconciles the interrupted directory instead, see training.resume), `train_model`
 (`fit_phases` with the run's callbacks), `score_and_write` (model.keras, metrics.json) and
 `finish_run_dir` (the checkpoints --keep-checkpoints does not keep).
 """
@@ -20,20 +20,18 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from backend import distribute
+from backend.determinism import enable_determinism, set_random_seed
+from backend.devices import devices, is_out_of_memory, peak_memory_mb
+from backend.selection import environment, tensorflow_kept_out
 from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
 from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
-from engine import distribute
-from engine.backend import (
-    devices,
-    enable_determinism,
-    environment,
-    is_out_of_memory,
-    peak_memory_mb,
-    set_random_seed,
-    tensorflow_kept_out,
-)
-from engine.callbacks import (
+from errors import UserInputError
+from model import build_model, load_initial_weights
+from model.structure import set_backbone_trainable
+from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_backbone_weights
+from training.callbacks import (
     HDF5_MARGIN,
     Checkpoints,
     EpochTimer,
@@ -46,11 +44,11 @@ from engine.callbacks import (
     save_weights,
     weights_nbytes,
 )
-from engine.config import Preflight, TrainConfig, preflight
-from engine.losses import training_loss
-from engine.metrics import classification_report, format_table, result_rows, results_row
-from engine.resume import reconcile_run_dir
-from engine.rundir import (
+from training.config import Preflight, TrainConfig, preflight
+from training.losses import training_loss
+from training.metrics import classification_report, format_table, result_rows, results_row
+from training.resume import reconcile_run_dir
+from training.rundir import (
     BEST,
     INITIAL,
     LAST,
@@ -65,12 +63,8 @@ from engine.rundir import (
     write_csv,
     write_json,
 )
-from engine.schedule import Phase, carry_optimizer_state, phase_learning_rate, phase_optimizer, plan_phases
-from engine.stability import StabilityMonitor
-from errors import UserInputError
-from model import build_model, load_initial_weights
-from model.structure import set_backbone_trainable
-from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_backbone_weights
+from training.schedule import Phase, carry_optimizer_state, phase_learning_rate, phase_optimizer, plan_phases
+from training.stability import StabilityMonitor
 
 
 class DivergedError(RuntimeError):
@@ -264,7 +258,7 @@ def _evaluate(model: keras.Model, data: RunData, cfg: TrainConfig) -> tuple[dict
 def write_test_predictions(path: Path, data: RunData, final: np.ndarray, best: np.ndarray) -> None:
     """test_predictions.csv: each test image's label and the class predicted with the final and
     with the best epoch's weights, so two runs on the same test images can be compared image by
-    image (a paired test between backends: engine.stats.mcnemar)."""
+    image (a paired test between backends: studies.stats.mcnemar)."""
     leaked = set(data.splits.leaked_test)
     write_csv(path, [
         {"path": e.path, "label": e.label, "final": int(f), "best": int(b), "twin_in_training": int(e.path in leaked)}

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import click
 
+from backend.parallel import data_parallel_launch_error, process_rank
+from backend.selection import selected_backend
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import PREPROCESS_MODES, AugmentConfig
 from data.discovery import DatasetError, Splits, make_splits
-from engine.backend import data_parallel_launch_error, process_rank, selected_backend
-from engine.options import FloatPair, PositiveFloat, option
-from engine.rundir import claim_run_dir, reopen_run_dir
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, MODELS, PRECISIONS, ModelSpec
 from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
+from training.options import FloatPair, PositiveFloat, option
+from training.rundir import claim_run_dir, reopen_run_dir
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
 KEEP_CHECKPOINTS = ("all", "best", "none")
@@ -37,7 +38,7 @@ class ConfigError(UserInputError, ValueError):
 class TrainConfig:
     """Every option of a training run, each declared once (its flag, type, default and help);
     the defaults follow the original study. The click options of `train`, `hybrid` and
-    `compare` are made from these fields (`engine.options.click_options`)."""
+    `compare` are made from these fields (`training.options.click_options`)."""
 
     data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*); required unless "
                            "--config or --resume supplies it.",
@@ -143,7 +144,7 @@ class TrainConfig:
     verbose: int = option(1, "Keras progress: 0 silent, 1 bar, 2 a line per epoch.", type=click.IntRange(0, 2),
                           group=RUN)
     runs_root: str = "runs"
-    recipe: str | None = None  # the --recipe whose options this run started from (engine.recipes)
+    recipe: str | None = None  # the --recipe whose options this run started from (training.recipes)
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,

@@ -21,10 +21,10 @@ import numpy as np
 
 from data.augment import PREPROCESS_MODES
 from data.markdown import markdown_table
-from engine.config import TrainConfig
-from engine.options import PositiveFloat, option
-from engine.rundir import write_json
 from model.spec import MODELS
+from training.config import TrainConfig
+from training.options import PositiveFloat, option
+from training.rundir import write_json
 
 CHECK = "What is checked"
 
@@ -100,8 +100,8 @@ class ParityConfig:
 def parity_batch(cfg: ParityConfig, preprocess: str) -> tuple[np.ndarray, np.ndarray, str]:
     """Batch 0 of epoch 0 of the training pipeline (augmented), and its SHA-256."""
     from data.loader import pipeline_hash
-    from engine.config import TrainConfig
-    from engine.train import scanned_training_batches
+    from training.config import TrainConfig
+    from training.train import scanned_training_batches
 
     batches = scanned_training_batches(TrainConfig(
         data_dir=cfg.data_dir, image_size=cfg.image_size, batch_size=cfg.batch_size,
@@ -138,7 +138,7 @@ def _load(model, weights_path: Path, plant: str | None) -> None:
 def _forward_backward(model, images, labels) -> dict[str, np.ndarray]:
     import keras
 
-    from engine.backend import loss_and_gradients
+    from backend.gradients import loss_and_gradients
 
     results = {"inference logits": _numpy(model(images, training=False))}
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -163,7 +163,7 @@ def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
     plant = cfg.plant.get(backend)
     images, labels, digest = parity_batch(cfg, _other(cfg.preprocess) if plant == "preprocess" else cfg.preprocess)
 
-    from engine.backend import set_random_seed
+    from backend.determinism import set_random_seed
 
     set_random_seed(cfg.seed)
     model = build_parity_model(cfg, num_classes=4)  # in cfg.precision (build_model sets the policy)
@@ -182,7 +182,7 @@ def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
     for variable in model.weights:
         results[f"weights after SGD step/{variable.path}"] = _numpy(variable.value)
     results.update({f"noise/{k}": v for k, v in noise.items()})
-    from engine.backend import environment
+    from backend.selection import environment
 
     env = environment()
     about = {"versions": env["versions"], "devices": env["devices"], "processor": env["processor"]}
@@ -313,7 +313,7 @@ def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:
 
 
 def _run_worker_process(backend: str, spec: Path, weights: Path, out: Path) -> None:
-    from engine.backend import backend_subprocess_env
+    from backend.selection import backend_subprocess_env
 
     command = [sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), "_parity-worker",
                str(spec), str(weights), str(out)]

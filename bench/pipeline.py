@@ -8,7 +8,7 @@ read once beforehand, so both sides start with the OS file cache warm; epoch 1
 is then "cold" for our decoded-image cache (every JPEG decoded), epoch 2 warm.
 The baseline has no decoded cache: every epoch decodes.
 
-The entry point is `python cli.py bench-pipeline`; it lives in `engine/`, not in the
+The entry point is `python cli.py bench-pipeline`; it lives in `bench/`, not in the
 framework-neutral `data/`, because its baseline imports tensorflow.
 """
 
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from backend.devices import peak_memory_mb  # stdlib only: no framework in this parent
 from data.markdown import markdown_table
-from engine.backend import peak_memory_mb  # stdlib only: no framework in this parent
 
 
 def _timed_epochs(iterate_epoch, epochs: int) -> list[dict]:
@@ -78,7 +78,7 @@ def measure(side: str, data_dir: str, image_size: int, batch_size: int, epochs: 
     request = json.dumps({"side": side, "data_dir": data_dir, "image_size": image_size,
                           "batch_size": batch_size, "epochs": epochs, "workers": workers})
     # The child gets its arguments as one JSON string: no second command line to keep in step.
-    code = "import sys; from engine.pipeline_bench import run_side; run_side(sys.argv[1])"
+    code = "import sys; from bench.pipeline import run_side; run_side(sys.argv[1])"
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code, request], capture_output=True, text=True, env=env,
                             cwd=root, check=False)

@@ -12,9 +12,9 @@ import numpy as np
 from data.discovery import DatasetError, Example
 from data.loader import MRIBatches, scan_examples
 from data.markdown import markdown_table
-from engine.inference import TrainedRun
-from engine.metrics import classification_report, softmax
-from engine.rundir import write_json
+from inference.run import TrainedRun
+from training.metrics import classification_report, softmax
+from training.rundir import write_json
 
 
 def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int = 32, workers: int = 2) -> dict:

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from markdown_it import MarkdownIt
 
-from engine.metrics import result_rows, results_row
-from engine.rundir import RunError, atomic_write, read_history
+from training.metrics import result_rows, results_row
+from training.rundir import RunError, atomic_write, read_history
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "DejaVu Sans", sans-serif; margin: 2rem auto; max-width: 1150px;
@@ -275,8 +275,8 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
     if samples <= 0:
         return '<p class="note">Skipped (--gradcam-samples 0).</p>'
     from data.discovery import DatasetError
-    from engine.gradcam import DISPLAY_SIZE, cam_layer, grad_cam, side_by_side, split_at_cam_layer
-    from engine.inference import RunError, load_run, read_images, split_examples
+    from inference.gradcam import DISPLAY_SIZE, cam_layer, grad_cam, side_by_side, split_at_cam_layer
+    from inference.run import RunError, load_run, read_images, split_examples
 
     try:
         run = load_run(run_dir)

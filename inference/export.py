@@ -1,7 +1,7 @@
 """`export`: a run's model as ONNX or a TensorFlow SavedModel, checked against Keras.
 
 Keras' `model.export` does the work; which backends can produce which format depends
-on optional converters (see `engine.backend.missing_export_module`). The exported graph
+on optional converters (see `backend.exports.missing_export_module`). The exported graph
 takes normalized float32 NHWC images, as the Keras model does, and returns class
 probabilities; `<name>.json` beside it records the classes, the preprocessing and the check.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from backend.exports import backends_that_export, missing_export_module
 from data.augment import normalize
-from engine.backend import backends_that_export, missing_export_module
-from engine.inference import TrainedRun, read_images, split_examples
-from engine.rundir import write_json
 from errors import UserInputError
+from inference.run import TrainedRun, read_images, split_examples
+from training.rundir import write_json
 
 FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
 # Exported probabilities against Keras' (measured on CPU: <= 1e-6).

@@ -3,7 +3,7 @@
 `resume_config` reads the run's own options (before any backend loads); `reconcile_run_dir`
 brings the directory back to the checkpoint before training goes on: the data must be the
 same, a best checkpoint cut short is repaired, rows past the checkpoint are dropped. The
-checkpoint's phase is rebuilt and loaded by `engine.train.fit_phases`. Keras-free.
+checkpoint's phase is rebuilt and loaded by `training.train.fit_phases`. Keras-free.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+from backend.selection import environment, selected_backend
 from data.discovery import DatasetError
 from data.fingerprint import differences, fingerprint, read_fingerprint
-from engine.backend import environment, selected_backend
-from engine.config import ConfigError, TrainConfig
-from engine.rundir import (
+from training.config import ConfigError, TrainConfig
+from training.rundir import (
     BEST,
     LAST,
     RunError,

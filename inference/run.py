@@ -16,9 +16,9 @@ from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from data.markdown import markdown_table
-from engine.metrics import softmax
-from engine.resume import check_run_data, recorded_data_dir
-from engine.rundir import (
+from training.metrics import softmax
+from training.resume import check_run_data, recorded_data_dir
+from training.rundir import (
     BEST,
     LAST,
     MODEL_FILE,
@@ -59,7 +59,7 @@ class TrainedRun:
 
 def load_model_file(path: str | Path) -> keras.Model:
     """Loads a `.keras` file with Keras' safe_mode on (no Python code from the file runs)."""
-    import engine.schedule  # noqa: F401  (registers the learning-rate schedule the file names)
+    import training.schedule  # noqa: F401  (registers the learning-rate schedule the file names)
 
     path = Path(path)
     if not path.is_file():
@@ -125,8 +125,8 @@ def _model_file_message(run_dir: Path, problem: str) -> str:
 
 def _model_from_options(options: dict, num_classes: int) -> keras.Model:
     """The run's model, built from its recorded options with no weights loaded."""
-    from engine.config import TrainConfig
     from model import build_model
+    from training.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names})

@@ -1,7 +1,7 @@
 """Grad-CAM (Selvaraju et al., 2017) on the model's last convolutional stage.
 
 The model is split at that stage into a feature model and a head; the head's gradient
-with respect to the feature maps comes from `engine.backend.outputs_and_input_gradients`,
+with respect to the feature maps comes from `backend.gradients.outputs_and_input_gradients`,
 i.e. from each backend's own autodiff, so the same code runs on torch, tensorflow and jax.
 """
 
@@ -14,13 +14,13 @@ import keras
 import numpy as np
 from PIL import Image
 
+from backend.gradients import outputs_and_input_gradients
 from data.augment import normalize
 from data.decode import decode_and_resize
-from engine.backend import outputs_and_input_gradients
-from engine.inference import TrainedRun, read_images
-from engine.metrics import softmax
-from engine.rundir import spreadsheet_safe
+from inference.run import TrainedRun, read_images
 from model.structure import activation_points
+from training.metrics import softmax
+from training.rundir import spreadsheet_safe
 
 DISPLAY_SIZE = 224  # overlays are drawn at least this large, whatever the model's input size
 

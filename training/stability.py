@@ -16,9 +16,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from engine.backend import loss_and_gradients
-from engine.rundir import atomic_write, write_csv
+from backend.gradients import loss_and_gradients
 from model.structure import activation_points, layer_group
+from training.rundir import atomic_write, write_csv
 
 
 def group_gradient_norms(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:

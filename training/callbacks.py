@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from engine.rundir import BEST, LAST, atomic_write, check_free_space, read_csv_rows, write_csv
+from training.rundir import BEST, LAST, atomic_write, check_free_space, read_csv_rows, write_csv
 
 
 class EpochTimer(keras.callbacks.Callback):

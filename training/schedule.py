@@ -12,7 +12,7 @@ import math
 
 import keras
 
-from engine.config import JIT_COMPILE, SCHEDULES
+from training.config import JIT_COMPILE, SCHEDULES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,7 +83,7 @@ def summarize(step_ends: list[float], settings: BenchSettings, peak_memory_mb: f
 # -- keras-fit and keras-step: run in a child process under the active backend ----------------
 
 def _train_config(settings: BenchSettings, data_dir: str):
-    from engine.config import TrainConfig
+    from training.config import TrainConfig
 
     # A from-scratch training run's options (the backbone's start does not change the speed).
     return TrainConfig(data_dir=data_dir, image_size=settings.image_size, batch_size=settings.batch_size,
@@ -98,7 +98,7 @@ def _keras_batches(mode: str, settings: BenchSettings, data_dir: str):
     import keras
 
     from data.discovery import discover
-    from engine.train import scanned_training_batches
+    from training.train import scanned_training_batches
 
     cfg = _train_config(settings, data_dir)
     _, examples, _, _ = discover(data_dir)
@@ -124,10 +124,11 @@ def run_keras(mode: str, settings: BenchSettings, data_dir: str) -> dict:
     """Times `fit` (keras-fit or keras-step) under the active backend, compiled as `train` does."""
     import keras
 
-    from engine.backend import device_peak_memory_mb, devices, peak_memory_mb, set_random_seed
-    from engine.schedule import plan_phases
-    from engine.train import compile_phase
+    from backend.determinism import set_random_seed
+    from backend.devices import device_peak_memory_mb, devices, peak_memory_mb
     from model import build_model
+    from training.schedule import plan_phases
+    from training.train import compile_phase
 
     cfg, batches = _keras_batches(mode, settings, data_dir)
     set_random_seed(0)
@@ -180,7 +181,7 @@ def run_torchvision(settings: BenchSettings) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
         devices = [torch.cuda.get_device_name(0)]
     else:
-        from engine.backend import peak_memory_mb  # imports no framework
+        from backend.devices import peak_memory_mb  # imports no framework
 
         peak, devices = peak_memory_mb(), ["cpu"]
     return summarize(step_ends, settings, peak, torch_compile=settings.torch_compile, devices=devices,
@@ -198,7 +199,7 @@ def torchvision_importable() -> bool:
 def measure(mode: str, settings: BenchSettings, data_dir: str, env: dict[str, str]) -> dict:
     """Runs one mode in a child process; returns its result (or `{"error": ...}`)."""
     root = Path(__file__).resolve().parent.parent
-    command = [sys.executable, "-m", "engine.bench_train", mode, json.dumps(dataclasses.asdict(settings)), data_dir]
+    command = [sys.executable, "-m", "bench.train", mode, json.dumps(dataclasses.asdict(settings)), data_dir]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith(_RESULT_MARK):

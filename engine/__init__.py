@@ -1,1 +1,0 @@
-"""Running experiments: backend checks, run directories, metrics and the training loop."""

@@ -1,0 +1,7 @@
+"""Studies over many runs: `compare` (a grid of runs over backends and factors), `reproduce`
+(one factor at a time from seed-keras to seed-pytorch), `parity` (one step of one weights file
+on every backend) and `stats` (intervals, McNemar, the bootstrap).
+
+May import: `training`, `inference`, `backend`, `data`, `model`, `errors`; never the command line
+or `bench`.
+"""
