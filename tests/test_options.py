@@ -9,7 +9,10 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
-from cli import cli, compare, hybrid, init_weights, pipeline_hash_command, train
+from cli import cli
+from commands.data import pipeline_hash_command
+from commands.studies import compare
+from commands.training import hybrid, init_weights, train
 from data.augment import AugmentConfig
 from tests.conftest import active_backend
 from tests.test_cli import run_subprocess
