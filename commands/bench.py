@@ -10,6 +10,8 @@ import click
 
 from bench.train import BenchSettings
 from commands.common import (
+    data_dir_option,
+    out_option,
     user_errors,
 )
 from training.config import TrainConfig
@@ -22,7 +24,7 @@ from training.options import (
 
 
 @click.command("bench-pipeline")
-@click.option("--data-dir", required=True, type=click.Path(exists=True, file_okay=False), help="Folder with Training/<class>/*.")
+@data_dir_option("Folder with Training/<class>/*.", required=True, path_type=click.Path(exists=True, file_okay=False))
 @click_options(TrainConfig, ["image_size", "batch_size"])
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(2), help="Epoch 1 is cold, the last warm.")
 @click.option("--workers", "workers_levels", default="2", show_default=True, type=LevelList(click.IntRange(1)), help="Loader threads; several (e.g. 1,2,4) give a scaling table.")
@@ -47,13 +49,13 @@ def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epoc
 
 @click.command("bench-train", cls=GroupedCommand)
 @click_options(TrainConfig, ["image_size", "batch_size", "precision", "jit_compile", "steps_per_execution", "workers"])
-@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), cls=GroupedOption, group="Benchmark", help="Folder with Training/<class>/* for keras-fit (default: phantom demo images made for the run).")
+@data_dir_option("Folder with Training/<class>/* for keras-fit (default: phantom demo images made for the run).", path_type=click.Path(exists=True, file_okay=False), cls=GroupedOption, group="Benchmark")
 @click.option("--warmup-steps", default=BenchSettings.warmup_steps, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Steps left out before timing (compilation, allocator growth).")
 @click.option("--window-steps", default=BenchSettings.window_steps, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Steps per timed window.")
 @click.option("--windows", default=BenchSettings.windows, show_default=True, type=click.IntRange(1), cls=GroupedOption, group="Benchmark", help="Timed windows; the median is reported.")
 @click.option("--native/--no-native", default=True, show_default=True, cls=GroupedOption, group="Benchmark", help="Also time native torchvision (when it imports).")
 @click.option("--torch-compile", is_flag=True, cls=GroupedOption, group="Benchmark", help="Native torchvision through torch.compile.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), cls=GroupedOption, group="Benchmark", help="Also write the results as JSON here.")
+@out_option("Also write the results as JSON here.", path_type=click.Path(dir_okay=False), cls=GroupedOption, group="Benchmark")
 @user_errors
 def bench_train_command(out: str | None, native: bool, **settings) -> None:
     """Training images/s and peak memory: fit through the pipeline, the bare train step, native torchvision."""

@@ -78,3 +78,22 @@ class BackendList(click.ParamType):
 
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False))
 CHECKPOINT = click.option("--checkpoint", default="final", show_default=True, type=click.Choice(["final", "best", "last"]), help="final: model.keras as saved; best/last: with best.weights.h5 or last.weights.h5.")
+
+
+# --data-dir, --out and --backends: declared here once; each command says only what differs
+# (whether it is required, its default, its help).
+def data_dir_option(help: str, required: bool = False, path_type: click.Path | None = None, **attrs):
+    """--data-dir: the dataset folder a command reads."""
+    return click.option("--data-dir", required=required, default=None, type=path_type or click.Path(), help=help,
+                        **attrs)
+
+
+def out_option(help: str, default: str | None = None, path_type: click.Path | None = None, **attrs):
+    """--out: where a command writes (a file or a folder, as `path_type` says)."""
+    return click.option("--out", default=default, type=path_type or click.Path(), help=help, **attrs)
+
+
+def backends_option(group: str):
+    """--backends: the backends a study runs on, all installed ones by default."""
+    return click.option("--backends", default=installed_backends, show_default="all installed", type=BackendList(),
+                        cls=GroupedOption, group=group)

@@ -10,6 +10,8 @@ import click
 from commands.common import (
     RECIPE,
     UserError,
+    data_dir_option,
+    out_option,
     user_errors,
 )
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
@@ -41,10 +43,10 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 
 
 @click.command()
-@click.option("--data-dir", required=True, type=click.Path(), help="Folder with Training/<class>/* and/or Testing/<class>/*.")
+@data_dir_option("Folder with Training/<class>/* and/or Testing/<class>/*.", required=True)
 @click.option("--max-distance", default=DEFAULT_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64), help="Candidate near pair: dHash (64 bits, of the content box) within this many bits.")
 @click.option("--min-correlation", default=DEFAULT_MIN_CORRELATION, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
-@click.option("--out", default="audit.json", show_default=True, type=click.Path(dir_okay=False), help="Where to write every group with its files.")
+@out_option("Where to write every group with its files.", default="audit.json", path_type=click.Path(dir_okay=False), show_default=True)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
 def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
     """Find exact and near duplicate images, within and across splits, and label conflicts."""

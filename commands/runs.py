@@ -10,6 +10,8 @@ from commands.common import (
     CHECKPOINT,
     RUN_DIR,
     UserError,
+    data_dir_option,
+    out_option,
     user_errors,
 )
 from training.config import TrainConfig
@@ -20,7 +22,7 @@ from training.options import (
 
 @click.command()
 @RUN_DIR
-@click.option("--data-dir", default=None, type=click.Path(), help="Dataset folder (default: the run's own).")
+@data_dir_option("Dataset folder (default: the run's own).")
 @click.option("--split", default="test", show_default=True, help="test, val or train: the run's own split, rebuilt from its options; or a split folder of --data-dir, e.g. Testing.")
 @CHECKPOINT
 @click_options(TrainConfig, ["batch_size", "workers"])
@@ -69,7 +71,7 @@ def predict(run_dir: str, paths: tuple[str, ...], csv_path: str | None, threshol
 @click.command()
 @RUN_DIR
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the overlays, gradcam.csv and heatmaps.npz.")
+@out_option("Folder for the overlays, gradcam.csv and heatmaps.npz.", path_type=click.Path(file_okay=False), required=True)
 @click.option("--class", "class_name", default=None, help="Explain this class (default: each image's predicted class).")
 @CHECKPOINT
 @user_errors
@@ -102,7 +104,7 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
 @click.command()
 @RUN_DIR
 @click.option("--format", "format_", required=True, type=click.Choice(["onnx", "savedmodel"]), help="onnx (torch or tensorflow backend; jax with jax2onnx) or savedmodel (tensorflow or jax backend).")
-@click.option("--out", default=None, type=click.Path(), help="Where to write (default RUN_DIR/export/model.onnx or RUN_DIR/export/saved_model).")
+@out_option("Where to write (default RUN_DIR/export/model.onnx or RUN_DIR/export/saved_model).")
 @click.option("--check-images", default=8, show_default=True, type=click.IntRange(1), help="Run the export on this many test images and compare with Keras.")
 @CHECKPOINT
 @user_errors
@@ -132,8 +134,8 @@ def export(run_dir: str, format_: str, out: str | None, check_images: int, check
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--gradcam-samples", default=6, show_default=True, type=click.IntRange(0), help="Grad-CAM overlays of test images per run (misclassified first; 0: none).")
-@click.option("--data-dir", default=None, type=click.Path(), help="Where the test images are (default: the run's own data folder).")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="HTML file to write (default PATH/report.html).")
+@data_dir_option("Where the test images are (default: the run's own data folder).")
+@out_option("HTML file to write (default PATH/report.html).", path_type=click.Path(dir_okay=False))
 @user_errors
 def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | None) -> None:
     """One self-contained HTML report for a run directory or a compare directory."""

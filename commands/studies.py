@@ -11,9 +11,9 @@ import click
 from commands.common import (
     NOT_REQUIRED,
     RECIPE,
-    BackendList,
     UserError,
-    installed_backends,
+    backends_option,
+    out_option,
     user_errors,
 )
 from studies.compare import FACTORS  # Keras-free, like everything imported here
@@ -31,9 +31,9 @@ from training.options import (
 
 
 @click.command(cls=GroupedCommand)
-@click.option("--backends", default=installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="What is checked")
+@backends_option("What is checked")
 @click_options(ParityConfig)
-@click.option("--out", default=None, type=click.Path(), help="Folder for parity.json, parity.md and the weights file (default runs/parity-<time>).")
+@out_option("Folder for parity.json, parity.md and the weights file (default runs/parity-<time>).")
 @click.option("--plant", multiple=True, hidden=True, help="BACKEND:weight|preprocess, a deliberate difference (tests the check).")
 @user_errors
 def parity(backends, out, plant, **options) -> None:
@@ -66,7 +66,7 @@ def parity(backends, out, plant, **options) -> None:
 
 @click.command(cls=GroupedCommand)
 @click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=level_lists(TrainConfig, *FACTORS))
-@click.option("--backends", default=installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
+@backends_option("Comparison")
 @click.option("--seeds", default="0", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every cell over these seeds (batch order, augmentation, head init).")
 @config_file_option(TrainConfig)
 @RECIPE
@@ -117,7 +117,7 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
 
 @click.command(cls=GroupedCommand)
 @click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=NOT_REQUIRED)
-@click.option("--backends", default=installed_backends, show_default="all installed", type=BackendList(), cls=GroupedOption, group="Comparison")
+@backends_option("Comparison")
 @click.option("--seeds", default="0,1", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every step over these seeds (two or more give 95% intervals).")
 @config_file_option(TrainConfig)
 @user_errors
