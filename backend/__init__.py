@@ -5,6 +5,7 @@
 - `devices`: devices, peak memory, recognising out-of-memory errors.
 - `gradients`: loss and input gradients, each framework its own way (parity, Grad-CAM).
 - `determinism`: each framework's deterministic mode; seeding.
+- `startup`: what a training process sets in its environment before the framework loads.
 - `exports`: what `model.export` needs per format and backend.
 - `parallel`: data parallelism through each framework's own engine (`--devices N`).
 - `distribute`: what data parallelism means for the batches and callbacks, whatever the engine.

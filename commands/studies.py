@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -162,20 +161,4 @@ def _check_reproduce_options(options: dict, fixed: dict) -> None:
         resolve_backbone_weights(chosen["weights"])
 
 
-
-
-@click.command("_parity-worker", hidden=True)
-@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
-@click.argument("weights", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
-def parity_worker(spec: str, weights: str, out: str) -> None:
-    """Compute the parity quantities under the active backend (used by `parity`)."""
-
-    from studies.parity import ParityConfig, run_worker
-
-    fields = json.loads(Path(spec).read_text())
-    fields["backends"] = tuple(fields["backends"])
-    run_worker(ParityConfig(**fields), Path(weights), Path(out))
-
-
-COMMANDS = (parity, parity_worker, compare, reproduce,)
+COMMANDS = (parity, compare, reproduce,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -66,13 +67,9 @@ def _train(options: dict) -> None:
     else:
         cfg = TrainConfig(**options)
     checked = preflight(cfg, resume=bool(resume), overwrite=overwrite)  # Before the backend loads: bad input fails fast.
-    if cfg.deterministic:
-        from backend.determinism import deterministic_environment
+    from backend.startup import start_environment
 
-        os.environ.update(deterministic_environment())  # XLA reads its flags at import.
-    from backend.parallel import data_parallel_environment
-
-    os.environ.update(data_parallel_environment(cfg.devices))  # jax on a CPU: N host devices, set before jax starts
+    os.environ.update(start_environment(cfg.deterministic, cfg.devices))
     from training.train import DivergedError, RunInterruptedError, RunStoppedError, run_training
 
     try:
@@ -118,14 +115,9 @@ def init_weights(path: str, num_classes: int, image_size: int, weights: str, see
         raise UserError(f"{path}: the file name must end in .weights.h5")
     import keras
 
-    from backend.determinism import set_random_seed
-    from model import ModelSpec, build_model
-    from model.weights import resolve_arch
+    from training.train import save_initial_weights
 
-    architecture["arch"] = resolve_arch(architecture["arch"], weights)  # the default: what --weights implies
-    set_random_seed(seed)
-    model = build_model(ModelSpec(architecture.pop("model"), **architecture), num_classes, image_size, weights)
-    model.save_weights(path)
+    model = save_initial_weights(Path(path), num_classes, image_size, weights, seed, **architecture)
     click.echo(f"wrote {path} ({keras.backend.backend()}, {model.count_params():,} parameters)")
 
 

@@ -15,7 +15,6 @@ import itertools
 import json
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from backend.selection import backend_subprocess_env
 from data.markdown import markdown_table
 from model.weights import resolve_arch
 from studies import stats
+from studies.processes import command, in_process
 from training.metrics import LEAKAGE_ROWS, RESULT_ROWS, format_table, results_row
 from training.rundir import (
     PREDICTIONS_FILE,
@@ -38,7 +37,6 @@ from training.rundir import (
     write_json,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 FACTORS = ("model", "preprocess", "augment", "weights", "precision")
 STABILITY_ROWS = ["Grad norm ratio (min/max)", "Lowest grad norm ratio"]
 SUMMARY_ROWS = [*RESULT_ROWS, *STABILITY_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
@@ -84,11 +82,11 @@ def child_options(options: dict, run: Run, init_weights: Path) -> dict:
     return dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights))
 
 
-def train_command(config_file: Path, out: Path, resume: bool = False) -> list[str]:
-    """The `cli.py train` command line of one run: its options come from `config_file` (a
+def train_args(config_file: Path, out: Path, resume: bool = False) -> list[str]:
+    """The `train` task of one run (`studies.worker`): its options come from `config_file` (a
     file, not a rebuilt flag list, so every option reaches the run as declared); `--resume`
     continues it in `out`."""
-    args = [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(config_file), "--out", str(out)]
+    args = ["--config", str(config_file), "--out", str(out)]
     return [*args, "--resume", str(out)] if resume else args
 
 
@@ -359,16 +357,12 @@ def backend_effects(results: list[dict], backends: tuple[str, ...], target: str,
 
 def build_initial_weights(backend: str, options: dict, start: Start, num_classes: int, path: Path,
                           log: Callable[[str], None]) -> None:
-    """Builds the starting weights once, in a subprocess of `backend`."""
-    command = [
-        sys.executable, str(ROOT / "cli.py"), "init-weights", str(path),
-        "--num-classes", str(num_classes), "--image-size", str(options["image_size"]),
-        "--weights", start.weights, "--seed", str(start.seed), "--model", start.model, "--arch", start.arch,
-        "--cut", options["cut"], "--head-blocks", str(options["head_blocks"]),
-        "--head-filters", str(options["head_filters"]), "--se" if options["se"] else "--no-se",
-    ]
+    """Builds the starting weights once, in a process of `backend` (`studies.worker`)."""
+    spec = {"num_classes": num_classes, "image_size": options["image_size"], "weights": start.weights,
+            "seed": start.seed, "model": start.model, "arch": start.arch, "cut": options["cut"],
+            "head_blocks": options["head_blocks"], "head_filters": options["head_filters"], "se": options["se"]}
     log(f"building initial weights ({start.model}, {start.arch}, {start.weights}, seed {start.seed}) on {backend} -> {path}")
-    result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
+    result = in_process(backend, "init-weights", str(path), json.dumps(spec), capture=True)
     if result.returncode != 0:
         raise CompareError(f"building the initial weights failed on {backend}:\n{result.stderr[-2000:]}")
 
@@ -428,10 +422,10 @@ def train_run(options: dict, run: Run, init_weights: Path, out_dir: Path, header
     config_file = out_dir / "options" / f"{run.dirname.replace('/', '-')}.json"
     config_file.parent.mkdir(exist_ok=True)
     write_json(config_file, {"options": child_options(options, run, init_weights)})
-    command_line = train_command(config_file, run_dir, resume)
-    log(f"{header}\n  KERAS_BACKEND={run.backend} {shlex.join(command_line[1:])}")
+    args = train_args(config_file, run_dir, resume)
+    log(f"{header}\n  KERAS_BACKEND={run.backend} python {shlex.join(command('train', *args)[1:])}")
     start = time.perf_counter()
-    code = subprocess.run(command_line, env=backend_subprocess_env(run.backend)).returncode
+    code = in_process(run.backend, "train", *args).returncode
     log(f"{header}: FAILED (exit {code}); going on with the others" if code else
         f"{header}: finished in {time.perf_counter() - start:.0f} s")
     return code

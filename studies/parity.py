@@ -1,7 +1,7 @@
 """`parity`: do the backends compute the same thing from the same weights and batch?
 
 The parent process imports no backend. It runs one worker subprocess per backend
-(`cli.py _parity-worker`); each builds the same batch with the shared pipeline,
+(`python -m studies.worker parity`, see `studies.worker`); each builds the same batch with the shared pipeline,
 loads one weights file, and saves what it computed to an `.npz`. The parent checks
 the batch hashes, compares every pair of backends and tolerances, and reports.
 """
@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -313,11 +311,9 @@ def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:
 
 
 def _run_worker_process(backend: str, spec: Path, weights: Path, out: Path) -> None:
-    from backend.selection import backend_subprocess_env
+    from studies.processes import in_process
 
-    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "cli.py"), "_parity-worker",
-               str(spec), str(weights), str(out)]
-    result = subprocess.run(command, env=backend_subprocess_env(backend), capture_output=True, text=True)
+    result = in_process(backend, "parity", str(spec), str(weights), str(out), capture=True)
     if result.returncode != 0:
         raise ParityError(f"the {backend} parity worker failed (exit {result.returncode}):\n"
                            f"{result.stderr[-3000:]}")

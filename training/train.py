@@ -28,9 +28,9 @@ from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
 from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from errors import UserInputError
-from model import build_model, load_initial_weights
+from model import ModelSpec, build_model, load_initial_weights
 from model.structure import set_backbone_trainable
-from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_backbone_weights
+from model.weights import IMAGENET_NOTOP_FILE, keras_models_dir, resolve_arch, resolve_backbone_weights
 from training.callbacks import (
     HDF5_MARGIN,
     Checkpoints,
@@ -603,6 +603,17 @@ def save_model_file(model: keras.Model, path: Path) -> None:
             model.save(tmp)
     finally:
         model.optimizer = optimizer
+
+
+def save_initial_weights(path: Path, num_classes: int, image_size: int, weights: str, seed: int,
+                         **architecture) -> keras.Model:
+    """Builds the model once (the backbone's `weights`, the rest from `seed`) and saves its
+    weights to `path`: the one file every backend of a comparison starts from. Returns the model."""
+    architecture["arch"] = resolve_arch(architecture["arch"], weights)  # the default: what --weights implies
+    set_random_seed(seed)
+    model = build_model(ModelSpec(architecture.pop("model"), **architecture), num_classes, image_size, weights)
+    model.save_weights(path)
+    return model
 
 
 def starting_weights_record(weights: str, start: Path) -> dict:
