@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from data.markdown import markdown_table
+from training.config import TrainConfig
 
 KERAS_FIT, KERAS_STEP, TORCHVISION = "keras-fit", "keras-step", "torchvision"
 MODES = (KERAS_FIT, KERAS_STEP, TORCHVISION)
@@ -37,19 +38,20 @@ _RESULT_MARK = "BENCH-TRAIN-RESULT "  # the line of a mode's output that carries
 
 @dataclasses.dataclass(frozen=True)
 class BenchSettings:
-    """What is measured and how long; the model options are a training run's (TrainConfig)."""
+    """What is measured and how long; the options a training run also has take its defaults
+    (TrainConfig's), the rest are the benchmark's own."""
 
-    image_size: int = 224
-    batch_size: int = 32
-    precision: str = "float32"
-    jit_compile: str = "auto"
-    steps_per_execution: int = 1
-    workers: int = 2
+    image_size: int = TrainConfig.image_size
+    batch_size: int = TrainConfig.batch_size
+    precision: str = TrainConfig.precision
+    jit_compile: str = TrainConfig.jit_compile
+    steps_per_execution: int = TrainConfig.steps_per_execution
+    workers: int = TrainConfig.workers
     data_dir: str | None = None  # None: phantom demo images, made for the run
     warmup_steps: int = 3
     window_steps: int = 5
     windows: int = 3
-    learning_rate: float = 1e-4
+    learning_rate: float = TrainConfig.learning_rate
     torch_compile: bool = False
 
     @property
@@ -82,9 +84,7 @@ def summarize(step_ends: list[float], settings: BenchSettings, peak_memory_mb: f
 
 # -- keras-fit and keras-step: run in a child process under the active backend ----------------
 
-def _train_config(settings: BenchSettings, data_dir: str):
-    from training.config import TrainConfig
-
+def _train_config(settings: BenchSettings, data_dir: str) -> TrainConfig:
     # A from-scratch training run's options (the backbone's start does not change the speed).
     return TrainConfig(data_dir=data_dir, image_size=settings.image_size, batch_size=settings.batch_size,
                        precision=settings.precision, jit_compile=settings.jit_compile,

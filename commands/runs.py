@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from backend.exports import EXPORT_FORMATS
 from commands.common import (
     CHECKPOINT,
     RUN_DIR,
@@ -103,7 +104,7 @@ def gradcam(run_dir: str, paths: tuple[str, ...], out: str, class_name: str | No
 
 @click.command()
 @RUN_DIR
-@click.option("--format", "format_", required=True, type=click.Choice(["onnx", "savedmodel"]), help="onnx (torch or tensorflow backend; jax with jax2onnx) or savedmodel (tensorflow or jax backend).")
+@click.option("--format", "format_", required=True, type=click.Choice(list(EXPORT_FORMATS)), help="onnx (torch or tensorflow backend; jax with jax2onnx) or savedmodel (tensorflow or jax backend).")
 @out_option("Where to write (default RUN_DIR/export/model.onnx or RUN_DIR/export/saved_model).")
 @click.option("--check-images", default=8, show_default=True, type=click.IntRange(1), help="Run the export on this many test images and compare with Keras.")
 @CHECKPOINT

@@ -7,10 +7,14 @@ augmented image does not depend on the backend, the worker count or the order
 in which batches are produced. Crop, flip and rotation are folded into one
 affine map and resampled once.
 
-A second style, "keras-generator", is the study's "seed-keras" recipe, Keras'
-ImageDataGenerator (rotation, shifts, zoom, flip: see `data.keras_generator`),
-and the preprocess mode `caffe-rescaled` is what that generator's
-`standardize` made of its images.
+That style is named "standard" (`--augment standard`). A second style,
+"keras-generator", is the study's "seed-keras" recipe, Keras' ImageDataGenerator
+(rotation, shifts, zoom, flip: see `data.keras_generator`), and the preprocess
+mode `caffe-rescaled` is what that generator's `standardize` made of its images.
+
+The augmentation ranges are declared once, as `AugmentConfig`'s field defaults:
+the training options (`training.config`) and `AugmentConfig.keras_generator`
+take theirs from there.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 PREPROCESS_MODES = ("caffe", "imagenet", "caffe-rescaled")
-AUGMENT_STYLES = ("torchvision", "keras-generator")
+# The augmentation styles, by the names `--augment` takes (which adds "none": no augmentation).
+# standard: torchvision's transforms (crop, flip, rotation); keras-generator: ImageDataGenerator's.
+STANDARD, KERAS_GENERATOR = "standard", "keras-generator"
+AUGMENT_STYLES = (STANDARD, KERAS_GENERATOR)
+# What `ImageDataGenerator(horizontal_flip=True)` does: it flips half of the images (Keras' rule,
+# not a default of this project's).
+KERAS_FLIP_PROB = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Which augmentations run, and their ranges.
 
-    `style="torchvision"` uses crop, flip and rotation; `style="keras-generator"`
-    uses rotation (`rotation_range`), `shift_range` (`width_shift_range` and
-    `height_shift_range`, a fraction of the side), `zoom_range` (`z`: zoom drawn
-    from `[1 - z, 1 + z]`) and the flip (`horizontal_flip=True` is 0.5); `crop`
-    and its ranges do not apply to it.
+    `style="standard"` uses crop, flip and rotation (torchvision's transforms);
+    `style="keras-generator"` uses rotation (`rotation_range`), `shift_range`
+    (`width_shift_range` and `height_shift_range`, a fraction of the side),
+    `zoom_range` (`z`: zoom drawn from `[1 - z, 1 + z]`) and the flip
+    (`horizontal_flip=True` is 0.5); `crop` and its ranges do not apply to it.
     """
 
     crop: bool = True
@@ -49,7 +59,7 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = 0.5
     rotate_degrees: float = 10.0
-    style: str = "torchvision"
+    style: str = STANDARD
     # 0.1 and 0.1: common values in Keras brain-MRI notebooks for width/height_shift_range and
     # zoom_range (next to rotation_range=10, the `rotate_degrees` default): moves of at most 10% that
     # keep the head inside the frame. Only the keras-generator style reads them.
@@ -72,21 +82,25 @@ class AugmentConfig:
     @classmethod
     def keras_generator(
         cls,
-        rotation_range: float = 10.0,
-        shift_range: float = 0.1,
-        zoom_range: float = 0.1,
+        rotation_range: float | None = None,
+        shift_range: float | None = None,
+        zoom_range: float | None = None,
         horizontal_flip: bool = True,
     ) -> AugmentConfig:
         """`ImageDataGenerator(rotation_range, width_shift_range=height_shift_range=shift_range,
-        zoom_range, horizontal_flip)`, with its argument names."""
+        zoom_range, horizontal_flip)`, with its argument names; a range not given (None) is the
+        field's default (`rotate_degrees`, `shift_range`, `zoom_range`)."""
+        defaults = cls()
         return cls(
-            crop=False, flip_prob=0.5 if horizontal_flip else 0.0, rotate_degrees=rotation_range,
-            style="keras-generator", shift_range=shift_range, zoom_range=zoom_range,
+            crop=False, flip_prob=KERAS_FLIP_PROB if horizontal_flip else 0.0,
+            rotate_degrees=defaults.rotate_degrees if rotation_range is None else rotation_range,
+            style=KERAS_GENERATOR, shift_range=defaults.shift_range if shift_range is None else shift_range,
+            zoom_range=defaults.zoom_range if zoom_range is None else zoom_range,
         )
 
     @property
     def enabled(self) -> bool:
-        if self.style == "keras-generator":
+        if self.style == KERAS_GENERATOR:
             return self.flip_prob > 0 or self.rotate_degrees > 0 or self.shift_range > 0 or self.zoom_range > 0
         return self.crop or self.flip_prob > 0 or self.rotate_degrees > 0
 
@@ -162,7 +176,7 @@ def _output_to_input_map(
 
 def augment_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     """Returns a randomly augmented copy of a square uint8 image, in `config.style`."""
-    if config.style == "keras-generator":
+    if config.style == KERAS_GENERATOR:
         return _keras_generator_image(image, rng, config)
     return _torchvision_image(image, rng, config)
 

@@ -1,7 +1,8 @@
 """`export`: a run's model as ONNX or a TensorFlow SavedModel, checked against Keras.
 
-Keras' `model.export` does the work; which backends can produce which format depends
-on optional converters (see `backend.exports.missing_export_module`). The exported graph
+Keras' `model.export` does the work; the formats, their file names, what runs them and
+which backends can produce them with which optional converters are one table,
+`backend.exports.EXPORT_FORMATS`. The exported graph
 takes normalized float32 NHWC images, as the Keras model does, and returns class
 probabilities; `<name>.json` beside it records the classes, the preprocessing and the check.
 """
@@ -15,13 +16,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from backend.exports import backends_that_export, missing_export_module
+from backend.exports import EXPORT_FORMATS, backends_that_export, missing_export_module
 from data.augment import normalize
 from errors import UserInputError
 from inference.run import TrainedRun, read_images, split_examples
 from training.rundir import write_json
 
-FORMATS = {"onnx": "onnx", "savedmodel": "tf_saved_model"}
 # Exported probabilities against Keras' (measured on CPU: <= 1e-6).
 PROBABILITY_ATOL = 1e-4
 
@@ -72,13 +72,16 @@ def record_path(out: Path) -> Path:
 
 
 def run_exported(path: Path, format: str, inputs: np.ndarray) -> np.ndarray:
-    """The exported model's outputs for normalized inputs: onnxruntime, or TensorFlow's
-    SavedModel loader."""
-    if format == "onnx":
+    """The exported model's outputs for normalized inputs, from the format's runtime
+    (`EXPORT_FORMATS[format].runtime`): onnxruntime, or TensorFlow's SavedModel loader."""
+    runtime = EXPORT_FORMATS[format].runtime
+    if runtime == "onnxruntime":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return np.asarray(session.run(None, {session.get_inputs()[0].name: inputs})[0])
+    if runtime != "tensorflow":
+        raise ValueError(f"no runner for {format}'s runtime {runtime!r}")
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))  # kept referenced: its variables die with it
@@ -89,7 +92,7 @@ def export_run(run: TrainedRun, format: str, out: Path | None = None, check_imag
                log: Callable[[str], None] = print) -> dict:
     """Exports, runs the export on sample images against the Keras model, writes `<out>.json`."""
     check_supported(format)
-    out = Path(out) if out else run.run_dir / "export" / ("model.onnx" if format == "onnx" else "saved_model")
+    out = Path(out) if out else run.run_dir / "export" / EXPORT_FORMATS[format].file_name
     out.parent.mkdir(parents=True, exist_ok=True)
     model = probability_model(run.model)
     log(f"Exporting {run.run_dir / 'model.keras'} ({run.checkpoint} weights) as {format} under "
@@ -100,7 +103,7 @@ def export_run(run: TrainedRun, format: str, out: Path | None = None, check_imag
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Constant folding")  # torch.onnx, harmless
-            model.export(str(out), format=FORMATS[format], verbose=False)
+            model.export(str(out), format=EXPORT_FORMATS[format].keras_format, verbose=False)
     except Exception as e:  # converter errors come in many types; say which step failed and why
         reason = (str(e).strip().splitlines() or [""])[0]
         raise ExportError(f"Keras' {format} export failed under {keras.backend.backend()}: "

@@ -9,19 +9,27 @@ from __future__ import annotations
 import keras
 
 from model.resnet import load_backbone_weights, resnet50
-from model.spec import BACKBONE_NAME, CUT_LAYERS, KERAS_V1
+from model.spec import (
+    BACKBONE_NAME,
+    CUT_LAYERS,
+    FREEZE_BACKBONE,
+    FREEZE_MODES,
+    IMAGE_SIZE,
+    NO_FREEZE,
+    NO_WEIGHTS,
+    UNCUT,
+    ModelSpec,
+)
 from model.structure import set_backbone_trainable
 from model.weights import WeightsError, first_line, resolve_arch, resolve_backbone_weights
-
-FREEZE_MODES = ("none", "backbone")
 
 
 def build_backbone(
     image_size: int,
-    weights: str = "none",
-    cut: str = "conv5",
-    bn_momentum: float | None = None,
-    arch: str = KERAS_V1,
+    weights: str = NO_WEIGHTS,
+    cut: str = UNCUT,
+    bn_momentum: float | None = ModelSpec.bn_momentum,
+    arch: str = ModelSpec.arch,
 ) -> keras.Model:
     """ResNet50 of `arch` without its top (`model.resnet`) for square RGB inputs, ending at `cut`.
 
@@ -41,12 +49,12 @@ def build_backbone(
         for layer in resnet.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = bn_momentum
-    if cut == "conv5":
+    if cut == UNCUT:
         return resnet
     return keras.Model(resnet.input, resnet.get_layer(CUT_LAYERS[cut]).output, name=BACKBONE_NAME)
 
 
-def classification_head(x, num_classes: int, dropout: float, dropout_seed: int | None = None):
+def classification_head(x, num_classes: int, dropout: float, dropout_seed: int | None = ModelSpec.dropout_seed):
     """Global average pooling, dropout and the logits layer.
 
     With `dropout_seed`, the masks come from a seeded Keras generator on every backend
@@ -61,15 +69,16 @@ def classification_head(x, num_classes: int, dropout: float, dropout_seed: int |
 
 def build_classifier(
     num_classes: int,
-    image_size: int = 224,
-    weights: str = "none",
-    freeze: str = "none",
-    dropout: float = 0.2,
-    bn_momentum: float | None = None,
-    dropout_seed: int | None = None,
-    arch: str = KERAS_V1,
+    image_size: int = IMAGE_SIZE,
+    weights: str = NO_WEIGHTS,
+    freeze: str = NO_FREEZE,
+    dropout: float = ModelSpec.dropout,
+    bn_momentum: float | None = ModelSpec.bn_momentum,
+    dropout_seed: int | None = ModelSpec.dropout_seed,
+    arch: str = ModelSpec.arch,
 ) -> keras.Model:
-    """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss).
+    """The ResNet50 classifier; it outputs logits (use a `from_logits=True` loss). The defaults
+    are `ModelSpec`'s fields and `model.spec`'s constants (declared once, there).
 
     Args:
         num_classes: size of the logits layer.
@@ -92,6 +101,6 @@ def build_classifier(
     inputs = keras.Input((image_size, image_size, 3), name="image")
     logits = classification_head(backbone(inputs), num_classes, dropout, dropout_seed)
     model = keras.Model(inputs, logits, name="resnet50_classifier")
-    if freeze == "backbone":
+    if freeze == FREEZE_BACKBONE:
         set_backbone_trainable(model, 0)  # the schedule's own switch (BatchNorm to inference mode)
     return model

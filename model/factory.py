@@ -7,10 +7,10 @@ on first use, so importing this module does not load Keras either.
 
 from __future__ import annotations
 
-from model.spec import ModelSpec
+from model.spec import NO_WEIGHTS, ModelSpec
 
 
-def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = "none"):
+def build_model(spec: ModelSpec, num_classes: int, image_size: int, weights: str = NO_WEIGHTS):
     """Builds the model `spec` names, with every layer trainable, in `spec.precision`: the dtype
     policy is set here, before any layer exists (a layer takes the policy at creation), and the
     logits layer stays float32 in any policy (see `model.classifier.classification_head`)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 
 from model.classifier import build_backbone, classification_head
-from model.spec import KERAS_V1
+from model.spec import IMAGE_SIZE, NO_WEIGHTS, ModelSpec
 
 
 def squeeze_excite(x, name: str, output_name: str, ratio: int = 16):
@@ -33,18 +33,19 @@ def conv_block(x, filters: int, name: str, se: bool):
 
 def build_hybrid(
     num_classes: int,
-    image_size: int = 224,
-    weights: str = "none",
-    cut: str = "conv4",
-    head_blocks: int = 2,
-    head_filters: int = 256,
-    se: bool = True,
-    dropout: float = 0.2,
-    bn_momentum: float | None = None,
-    dropout_seed: int | None = None,
-    arch: str = KERAS_V1,
+    image_size: int = IMAGE_SIZE,
+    weights: str = NO_WEIGHTS,
+    cut: str = ModelSpec.cut,
+    head_blocks: int = ModelSpec.head_blocks,
+    head_filters: int = ModelSpec.head_filters,
+    se: bool = ModelSpec.se,
+    dropout: float = ModelSpec.dropout,
+    bn_momentum: float | None = ModelSpec.bn_momentum,
+    dropout_seed: int | None = ModelSpec.dropout_seed,
+    arch: str = ModelSpec.arch,
 ) -> keras.Model:
     """ResNet50 up to `cut` (`conv3`, `conv4` or `conv5`) and a custom CNN head; outputs logits.
+    The defaults are `ModelSpec`'s fields (declared once, there).
 
     Args:
         head_blocks: how many Conv-BatchNorm-ReLU blocks follow the cut (each

@@ -171,7 +171,7 @@ def test_augment_image_keras_style_is_seeded_by_seed_epoch_index(images):
 
 
 def test_config_enabled_and_validation():
-    assert AugmentConfig().style == "torchvision"
+    assert AugmentConfig().style == "standard"
     config = AugmentConfig.keras_generator()
     assert (config.rotate_degrees, config.shift_range, config.zoom_range, config.flip_prob) == (10.0, 0.1, 0.1, 0.5)
     assert config.enabled

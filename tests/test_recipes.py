@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cli
+from commands.common import NOT_REQUIRED, RECIPE
 from training.config import TrainConfig
 from training.options import cli_fields, click_options, config_file_option
 from training.recipes import RECIPES
@@ -28,9 +28,9 @@ def test_every_recipe_option_is_a_training_option_with_a_valid_value(name):
 def _options_command():
     """A command with train's option plumbing (the real decorators) that returns its options."""
     @click.command()
-    @click_options(TrainConfig, overrides=cli.NOT_REQUIRED)
+    @click_options(TrainConfig, overrides=NOT_REQUIRED)
     @config_file_option(TrainConfig)
-    @cli.RECIPE
+    @RECIPE
     def show(**options):
         click.echo(json.dumps(options))
 

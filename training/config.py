@@ -14,20 +14,24 @@ import click
 from backend.parallel import data_parallel_launch_error, process_rank
 from backend.selection import selected_backend
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from data.augment import PREPROCESS_MODES, AugmentConfig
+from data.augment import AUGMENT_STYLES, KERAS_GENERATOR, PREPROCESS_MODES, AugmentConfig
 from data.discovery import DatasetError, Splits, make_splits
 from errors import UserInputError
-from model.spec import ARCHS, CUTS, MODELS, PRECISIONS, ModelSpec
+from model.spec import ARCHS, CUTS, FREEZE_MODES, IMAGE_SIZE, MODELS, NO_FREEZE, PRECISIONS, ModelSpec
 from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
 from training.options import FloatPair, PositiveFloat, option
 from training.rundir import claim_run_dir, reopen_run_dir
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
 KEEP_CHECKPOINTS = ("all", "best", "none")
-AUGMENTS = ("standard", "keras-generator", "none")
-JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> model.compile(jit_compile=...)  # standard: torchvision's transforms
+NO_AUGMENT = "none"
+AUGMENTS = (*AUGMENT_STYLES, NO_AUGMENT)  # --augment: data.augment's styles by their own names, or none
+JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> model.compile(jit_compile=...)
 DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
-_AUGMENT = AugmentConfig()  # the augmentation ranges are declared once, in data.augment
+# Defaults declared below the command line, at the lowest layer that needs them, are taken from
+# there: the augmentation's from data.augment (`_AUGMENT`), the model's from model.spec (`ModelSpec`'s
+# fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py fails when a copy drifts.
+_AUGMENT = AugmentConfig()
 
 
 class ConfigError(UserInputError, ValueError):
@@ -43,7 +47,7 @@ class TrainConfig:
     data_dir: str = option(help="Folder with Training/<class>/* (and optionally Testing/<class>/*); required unless "
                            "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
-    image_size: int = option(224, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
+    image_size: int = option(IMAGE_SIZE, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
     batch_size: int = option(32, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
@@ -73,18 +77,18 @@ class TrainConfig:
                               "stage's first 1x1 convolution) or torchvision-v1.5 (torchvision's resnet50: the stride "
                               "on the 3x3, no conv biases). Default: the one --weights implies (torchvision weights: "
                               "torchvision-v1.5; otherwise keras-v1).", type=click.Choice(ARCHS), group=MODEL)
-    model: str = option("resnet50", "resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN "
+    model: str = option(ModelSpec.name, "resnet50: the plain classifier; hybrid: ResNet50 cut at --cut and a custom CNN "
                         "head.", type=click.Choice(MODELS), group=MODEL)
-    cut: str = option("conv4", "Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out).",
+    cut: str = option(ModelSpec.cut, "Hybrid: the last backbone stage kept (conv4 ends at layer conv4_block6_out).",
                       type=click.Choice(CUTS), group=MODEL)
-    head_blocks: int = option(2, "Hybrid: Conv-BatchNorm-ReLU blocks after the cut.", type=click.IntRange(0),
+    head_blocks: int = option(ModelSpec.head_blocks, "Hybrid: Conv-BatchNorm-ReLU blocks after the cut.", type=click.IntRange(0),
                               group=MODEL)
-    head_filters: int = option(256, "Hybrid: channels of each head block.", type=click.IntRange(1), group=MODEL)
-    se: bool = option(True, "Hybrid: squeeze-and-excitation in each head block.", group=MODEL)
-    freeze: str = option("none", "backbone: the main phase trains only what follows the backbone.",
-                         type=click.Choice(["none", "backbone"]), group=MODEL)
-    dropout: float = option(0.2, "Dropout rate before the logits layer.", type=click.FloatRange(0, 1, max_open=True), group=MODEL)
-    bn_momentum: float | None = option(None, "Backbone BatchNorm moving-average momentum (default: Keras' 0.99; "
+    head_filters: int = option(ModelSpec.head_filters, "Hybrid: channels of each head block.", type=click.IntRange(1), group=MODEL)
+    se: bool = option(ModelSpec.se, "Hybrid: squeeze-and-excitation in each head block.", group=MODEL)
+    freeze: str = option(NO_FREEZE, "backbone: the main phase trains only what follows the backbone.",
+                         type=click.Choice(FREEZE_MODES), group=MODEL)
+    dropout: float = option(ModelSpec.dropout, "Dropout rate before the logits layer.", type=click.FloatRange(0, 1, max_open=True), group=MODEL)
+    bn_momentum: float | None = option(ModelSpec.bn_momentum, "Backbone BatchNorm moving-average momentum (default: Keras' 0.99; "
                                        "torchvision's is 0.9).", type=click.FloatRange(0, 1, max_open=True),
                                        group=MODEL)
     bn_train: bool | None = option(None, "Backbone BatchNorm uses batch statistics while it trains (default: yes "
@@ -106,7 +110,7 @@ class TrainConfig:
                                     type=click.FloatRange(0, 1, max_open=True), group=OPTIMIZATION)
     weight_decay: float = option(0.0, "Decoupled weight decay of Adam (AdamW), on kernels only (not on BatchNorm "
                                  "or biases; 0: off).", type=click.FloatRange(0), group=OPTIMIZATION)
-    augment: str = option("standard", "Training augmentation. standard: torchvision's random resized crop, "
+    augment: str = option(_AUGMENT.style, "Training augmentation. standard: torchvision's random resized crop, "
                           "horizontal flip, rotation (black fill); keras-generator: ImageDataGenerator's rotation, "
                           "shift, zoom and flip (edge fill); none.", type=click.Choice(AUGMENTS), group=AUGMENTATION)
     crop_scale: tuple[float, float] = option(_AUGMENT.crop_scale, "Random resized crop: area fraction range.",
@@ -121,7 +125,7 @@ class TrainConfig:
                                 "of the side (0: off).", type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
     zoom_range: float = option(_AUGMENT.zoom_range, "keras-generator: zoom drawn from [1-z, 1+z] per axis (0: off).",
                                type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
-    precision: str = option("float32", "Keras dtype policy: float32, or mixed_bfloat16 / mixed_float16 (float32 "
+    precision: str = option(ModelSpec.precision, "Keras dtype policy: float32, or mixed_bfloat16 / mixed_float16 (float32 "
                             "variables and logits; float16 with loss scaling).", type=click.Choice(PRECISIONS),
                             group=RUN)
     jit_compile: str = option("auto", "Compile the train step: auto (Keras' choice: XLA on jax, on tensorflow only "
@@ -196,11 +200,11 @@ class TrainConfig:
     def augment_config(self) -> AugmentConfig:
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
-        if self.augment == "none":
+        if self.augment == NO_AUGMENT:
             return AugmentConfig.none()
-        if self.augment == "keras-generator":
+        if self.augment == KERAS_GENERATOR:
             return AugmentConfig(crop=False, flip_prob=self.flip_prob, rotate_degrees=self.rotate_degrees,
-                                 style="keras-generator", shift_range=self.shift_range, zoom_range=self.zoom_range)
+                                 style=KERAS_GENERATOR, shift_range=self.shift_range, zoom_range=self.zoom_range)
         return AugmentConfig(
             crop=True,
             crop_scale=tuple(self.crop_scale),

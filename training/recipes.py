@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from training.config import TrainConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -19,12 +21,15 @@ class Recipe:
     options: dict[str, Any]
 
 
-# What the study's two scripts share: the optimizer's schedule and the input size. They differ only
-# in the factors `reproduce` changes one at a time.
-STUDY_SCHEDULE: dict[str, Any] = {"learning_rate": 1e-4, "epochs": 10, "image_size": 224}
+# What the study's two recipes share: the optimizer's schedule and the input size. They differ only
+# in the factors `reproduce` changes one at a time. The values are the training options' defaults
+# (which follow the study), declared once in TrainConfig; a recipe sets them all the same, so that
+# they hold under a command whose own defaults differ (`hybrid`).
+STUDY_SCHEDULE: dict[str, Any] = {"learning_rate": TrainConfig.learning_rate, "epochs": TrainConfig.epochs,
+                                  "image_size": TrainConfig.image_size}
 
 RECIPES: dict[str, Recipe] = {
-    # The study's PyTorch script: torchvision's transforms and its pretrained ResNet50.
+    # The study's PyTorch recipe, as this project reconstructs it: torchvision's transforms and its pretrained ResNet50.
     "seed-pytorch": Recipe(
         "the study's PyTorch recipe: RandomResizedCrop + flip + rotation, x/255 then ImageNet mean/std, "
         "torchvision's ResNet50 v1.5 and ImageNet weights, BatchNorm momentum 0.9, Adam 1e-4, 10 epochs, 224 px",
@@ -33,7 +38,7 @@ RECIPES: dict[str, Recipe] = {
             "bn_momentum": 0.9, **STUDY_SCHEDULE,
         },
     ),
-    # The study's Keras script: ImageDataGenerator(rescale=1/255, preprocessing_function=preprocess_input,
+    # The study's Keras recipe, as this project reconstructs it: ImageDataGenerator(rescale=1/255, preprocessing_function=preprocess_input,
     # rotation/shift/zoom, horizontal_flip) and keras.applications.ResNet50 with Keras' defaults.
     "seed-keras": Recipe(
         "the study's Keras recipe: ImageDataGenerator's rotation/shift/zoom/flip with edge fill, caffe "
