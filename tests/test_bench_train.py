@@ -22,28 +22,46 @@ def test_windows_leave_out_the_warmup_and_the_median_is_reported():
     assert settings.steps == len(step_ends)
 
 
-def test_bench_train_times_fit_the_bare_step_and_native_torchvision(tmp_path):
+def test_bench_train_times_fit_the_bare_step_and_native_torchvision_and_prints_its_json(tmp_path):
     out = tmp_path / "bench.json"
     native = active_backend() == "torch"  # the native side is backend-independent: timed in one pass
     done = run_subprocess("bench-train", "--image-size", "32", "--batch-size", "4", "--warmup-steps", "1",
-                          "--window-steps", "1", "--windows", "2", "--workers", "1", "--out", str(out),
+                          "--window-steps", "1", "--windows", "3", "--workers", "1", "--out", str(out),
                           "--native" if native else "--no-native")
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["backend"] == active_backend() and report["settings"]["image_size"] == 32
     modes = (KERAS_FIT, KERAS_STEP, TORCHVISION) if native else (KERAS_FIT, KERAS_STEP)
     assert sorted(report["results"]) == sorted(modes)
+    results = report["results"]
     for mode in modes:
-        result = report["results"][mode]
+        result = results[mode]
         assert "error" not in result, (mode, result)
-        assert len(result["window_images_per_second"]) == 2 and result["images_per_second"] > 0
+        windows = result["window_images_per_second"]  # the reported rate is the median window's
+        assert len(windows) == 3 and result["images_per_second"] == sorted(windows)[1]
         assert result["ms_per_step"] == pytest.approx(1000 * 4 / result["images_per_second"])
         assert result["peak_memory_mb"] > 100  # a ResNet50 and its gradients
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(modes) and f"keras {active_backend()}: fit through the pipeline" in rows[1]
+
+    # The printed table is the JSON's figures, rounded, and its ratios are their quotients.
+    lines = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(rows) == len(modes) and f"keras {active_backend()}: fit through the pipeline" == rows[0][0]
+    step = results[KERAS_STEP]["images_per_second"]
+    for row, mode in zip(rows, modes, strict=True):
+        result = results[mode]
+        rate, ms, memory, over_step, over_native = (float(c) if c != "-" else None for c in row[1:6])
+        assert rate == pytest.approx(result["images_per_second"], abs=0.05)
+        assert ms == pytest.approx(result["ms_per_step"], abs=0.5)
+        assert memory == pytest.approx(result["peak_memory_mb"], abs=0.5)
+        assert over_step == pytest.approx(result["images_per_second"] / step, abs=0.005)
+        if native:
+            assert over_native == pytest.approx(result["images_per_second"] / results[TORCHVISION]["images_per_second"],
+                                                abs=0.005)
+        else:
+            assert over_native is None
     if native:
-        assert report["results"][TORCHVISION]["versions"]["torchvision"]
-        assert "native torchvision resnet50" in rows[3] and rows[3].split("|")[6].strip() == "1.00"
+        assert results[TORCHVISION]["versions"]["torchvision"]
+        assert rows[2][0] == "native torchvision resnet50"
 
 
 @pytest.mark.skipif(active_backend() != "torch", reason="the torch backend's own refusal")

@@ -1,20 +1,43 @@
+"""`bench-pipeline`: both sides time every image, and the report says what was measured."""
+
+import re
+
 import pytest
 
 from bench.pipeline import format_report, format_scaling, measure
 from tests.conftest import active_backend
 
 
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of the Markdown table in `text`, each by its first cell."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(active_backend() != "tensorflow", reason="backend-independent; runs once, in the tensorflow pass")
-def test_both_sides_measure_every_image_and_report(demo_dir):
+def test_both_sides_measure_every_image_and_the_report_gives_their_figures(demo_dir):
     ours = measure("ours", str(demo_dir), 32, 8, 2, 2)
     baseline = measure("tfdata", str(demo_dir), 32, 8, 2, 2)
     for result in (ours, baseline):
         assert [e["epoch"] for e in result["epochs"]] == [1, 2]
-        assert all(e["images"] == 32 and e["images_per_second"] > 0 for e in result["epochs"])
+        for epoch in result["epochs"]:  # every Training image, and the rate is the images over the time
+            assert epoch["images"] == 32
+            assert epoch["images_per_second"] == pytest.approx(epoch["images"] / epoch["seconds"])
         assert result["peak_memory_mb"] > 50
+
     report = format_report(ours, baseline)
-    assert "| ours (PyDataset, NumPy/Pillow) |" in report and "speed-up over the baseline: cold" in report
+    rows = table_rows(report)
+    assert list(rows) == ["ours (PyDataset, NumPy/Pillow)", "tf.data + keras layers"]
+    for cells, result in zip(rows.values(), (ours, baseline), strict=True):  # whole numbers: within 0.5
+        figures = [result["epochs"][0]["images_per_second"], result["epochs"][-1]["images_per_second"],
+                   result["peak_memory_mb"]]
+        assert [float(c) for c in cells] == pytest.approx(figures, abs=0.5)
+    speed_up = re.search(r"speed-up over the baseline: cold ([\d.]+)x .*, warm ([\d.]+)x", report)
+    assert speed_up, report
+    for epoch, printed in ((0, speed_up[1]), (-1, speed_up[2])):  # our rate over the baseline's, to 0.01
+        quotient = ours["epochs"][epoch]["images_per_second"] / baseline["epochs"][epoch]["images_per_second"]
+        assert float(printed) == pytest.approx(quotient, abs=0.005)
 
 
 def test_the_scaling_table_divides_by_the_fewest_workers():

@@ -10,7 +10,6 @@ import h5py
 import numpy as np
 import pytest
 
-from model import weights as weights_module
 from studies.compare import (
     FACTORS,
     Run,
@@ -20,10 +19,11 @@ from studies.compare import (
     plan_runs,
     seed_spread,
     summarise,
-    train_command,
+    train_args,
     unshared_starts,
 )
 from tests.conftest import ROOT, active_backend, cli_env
+from tests.test_cli import error_lines, go_offline, run_cli
 from training.rundir import file_sha256
 
 
@@ -58,9 +58,9 @@ def test_a_child_run_gets_its_cell_seed_and_weights_file_through_a_config_file(t
     child = child_options(options, run, tmp_path / "w.weights.h5")
     assert child["preprocess"] == "imagenet" and child["seed"] == 3 and child["deterministic"] is True
     assert child["init_weights"] == str(tmp_path / "w.weights.h5") and options["preprocess"] == "caffe"
-    args = train_command(tmp_path / "child.json", tmp_path / "out")
-    assert args[2:] == ["train", "--config", str(tmp_path / "child.json"), "--out", str(tmp_path / "out")]
-    assert train_command(tmp_path / "child.json", tmp_path / "out", resume=True)[-2:] == ["--resume", str(tmp_path / "out")]
+    args = train_args(tmp_path / "child.json", tmp_path / "out")
+    assert args == ["--config", str(tmp_path / "child.json"), "--out", str(tmp_path / "out")]
+    assert train_args(tmp_path / "child.json", tmp_path / "out", resume=True)[-2:] == ["--resume", str(tmp_path / "out")]
 
 
 def test_runs_of_a_cell_that_started_from_different_files_are_reported():
@@ -180,8 +180,11 @@ def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.skipif(weights_module._can_reach("storage.googleapis.com", 3), reason="needs a machine without network access")
-def test_offline_imagenet_level_stops_compare_before_any_run(demo_dir, tmp_path):
-    result = cli("compare", "--data-dir", str(demo_dir), "--weights", "none,imagenet", "--out", str(tmp_path / "c"))
-    assert result.returncode == 2 and "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in result.stderr
+def test_offline_imagenet_level_stops_compare_before_any_run(demo_dir, tmp_path, monkeypatch):
+    tried = go_offline(monkeypatch)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))  # nothing cached
+    result = run_cli("compare", "--data-dir", str(demo_dir), "--weights", "none,imagenet", "--out", str(tmp_path / "c"))
+    assert result.exit_code == 2 and tried, result.output
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines[0]
     assert not (tmp_path / "c").exists()

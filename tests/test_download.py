@@ -1,33 +1,28 @@
 """`download`: the offline error, the layout check, and kagglehub's errors made readable."""
 
-import subprocess
-import sys
 import time
 
 import pytest
 
 from data import download as download_module
-from data.download import DownloadError, check_counts, download, find_root
-from tests.conftest import ROOT, cli_env, make_layout
+from data.download import API_HOST, DownloadError, check_counts, download, find_root
+from tests.conftest import make_layout
+from tests.test_cli import error_lines, go_offline, run_cli
 
 
-def _reachable() -> bool:
-    try:
-        download_module.check_reachable(timeout=3)
-    except DownloadError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_reachable(), reason="needs a machine without network access")
-def test_offline_download_fails_fast_with_one_line():
+def test_offline_download_fails_fast_with_one_line(monkeypatch):
+    pytest.importorskip("kagglehub")  # an optional extra (pip install .[download]); the lock has it
+    tried = go_offline(monkeypatch)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "KAGGLE_API_ENDPOINT"):  # with one, kagglehub's own errors speak
+        monkeypatch.delenv(proxy, raising=False)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "download"], capture_output=True, text=True,
-                            timeout=60, env=cli_env("torch"), cwd=ROOT)
+    result = run_cli("download")
     assert time.perf_counter() - start < 30
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert [host for host, _ in tried] == [API_HOST]  # the check, before kagglehub touches the network
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach api.kaggle.com")
+    assert "Traceback" not in result.output
 
 
 def test_the_layout_is_found_nested_and_counts_are_compared(tmp_path):

@@ -1,7 +1,7 @@
-"""Resume that loses nothing: a training process killed mid-epoch (SIGKILL) and resumed
-ends with the same weights, bit for bit, as one that was never interrupted (CPU,
---deterministic), with every epoch in history.csv exactly once. Two runs that agree bit for
-bit also show that deterministic mode is deterministic."""
+"""Resume that loses nothing: a training process stopped by SIGTERM once its first epoch is
+checkpointed, then resumed, ends with the same weights, bit for bit, as one that was never
+interrupted (CPU, --deterministic), with every epoch in history.csv exactly once. Two runs that
+agree bit for bit also show that deterministic mode is deterministic."""
 
 import csv
 import errno
@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import pytest
 
 from data.demo import make_demo_data
-from studies.compare import _resumable, train_command
+from studies.compare import _resumable, train_args
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import run_cli
 from tests.test_compare import cli, final_weights, h5_arrays
@@ -32,22 +31,35 @@ def _train_args(demo_dir, command: str = "train") -> list[str]:
     return [*args, "--epochs", "2"]
 
 
-def _kill_after_first_epoch(args: list[str], run_dir) -> int:
-    """Starts the run, SIGKILLs it once epoch 1 is checkpointed; returns the epochs it kept."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--out", str(run_dir)],
-                               env=cli_env(active_backend()), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "last.weights.h5"
-    deadline = time.monotonic() + 600
-    while process.poll() is None and time.monotonic() < deadline:
-        if last.exists() and (checkpoint_state(last) or {}).get("epoch", 0) >= 1:
-            time.sleep(0.3)  # into epoch 2
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return checkpoint_state(last)["epoch"]
+# The child sends itself SIGTERM at a known step, so no timing decides where it stops: when
+# the first checkpoint is put in place (the audit event of `atomic_write`'s os.replace onto
+# last.weights.h5: `training.rundir`). The run then stops at its next safe point, the end of
+# that epoch (`training.callbacks.SignalStop`), and exits 128 + SIGTERM.
+STOP_AT_FIRST_CHECKPOINT = """
+import runpy, signal, sys
+
+def stop_at_first_checkpoint(event, args):
+    if event == "os.rename" and str(args[1]).endswith("last.weights.h5") and not sent:
+        sent.append(True)
+        signal.raise_signal(signal.SIGTERM)
+
+sent = []
+sys.addaudithook(stop_at_first_checkpoint)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _stop_after_first_epoch(args: list[str], run_dir) -> int:
+    """Runs `cli.py ARGS --out RUN_DIR` until its first checkpoint makes it SIGTERM itself;
+    returns the epoch of the checkpoint it kept."""
+    done = subprocess.run([sys.executable, "-c", STOP_AT_FIRST_CHECKPOINT, str(ROOT / "cli.py"), *args,
+                           "--out", str(run_dir)], env=cli_env(active_backend()), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("stopped by SIGTERM: the checkpoint of epoch 1") and f"--resume {run_dir}" in message
+    return checkpoint_state(run_dir / "last.weights.h5")["epoch"]
 
 
 def _history(run_dir) -> list[dict]:
@@ -57,7 +69,7 @@ def _history(run_dir) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["train", "hybrid"])
-def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir, tmp_path):
+def test_a_stopped_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir, tmp_path):
     if command == "hybrid" and active_backend() != "torch":
         pytest.skip("the two-phase resume (at the phase switch) runs once, in the torch pass")
     args = _train_args(demo_dir, command)
@@ -65,7 +77,7 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir,
     result = cli(*args, "--out", str(whole))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    kept = _kill_after_first_epoch(args, cut)
+    kept = _stop_after_first_epoch(args, cut)
     assert kept == 1 and not (cut / "metrics.json").exists()
     result = cli(*args, "--out", str(cut), "--resume", str(cut))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -184,5 +196,5 @@ def test_compare_resumes_an_interrupted_backend_and_restarts_one_without_a_check
     assert _resumable(trained_run)  # a checkpoint with its training state
     (tmp_path / "last.weights.h5").write_bytes(b"cut short")
     assert not _resumable(tmp_path) and not _resumable(tmp_path / "nowhere")
-    args = train_command(tmp_path / "child.json", trained_run, resume=True)
+    args = train_args(tmp_path / "child.json", trained_run, resume=True)
     assert args[-2:] == ["--resume", str(trained_run)] and args[args.index("--out") + 1] == str(trained_run)

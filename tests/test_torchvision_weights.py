@@ -34,7 +34,7 @@ from model.spec import ARCHS, CUT_LAYERS, KERAS_V1, TORCHVISION_V15
 from model.structure import residual_blocks, set_backbone_trainable
 from model.weights import converted_torchvision_file, resolve_arch
 from tests.conftest import ROOT, active_backend, cli_env
-from tests.test_cli import error_lines, run_subprocess
+from tests.test_cli import error_lines, go_offline, run_cli
 
 # 64: even sides at every stride-2 layer, where Keras' "same" padding would pad only the bottom
 # and right (that error gives a relative difference of about 0.9); 97: odd sides, where the
@@ -213,10 +213,13 @@ def test_v15_models_build_cut_and_unfreeze_like_v1(name, cut):
         assert model.get_layer("resnet50").output.shape[1:] == (5, 5, 512)
 
 
-def test_the_spec_declares_the_archs_once_and_checks_them():
-    assert ARCHS == (KERAS_V1, TORCHVISION_V15) and ModelSpec().arch == KERAS_V1
+def test_every_declared_arch_is_accepted_and_an_unknown_one_refused_where_it_is_chosen():
+    for arch in ARCHS:  # what --arch offers (click.Choice(ARCHS)) is what the model and the weights take
+        assert ModelSpec(arch=arch).arch == arch and resolve_arch(arch, "none") == arch
     with pytest.raises(ValueError, match="arch must be one of"):
         ModelSpec(arch="resnet50-v2")
+    with pytest.raises(WeightsError, match="arch must be one of"):
+        resolve_arch("resnet50-v2", "none")
 
 
 # --- which weights fit which architecture ----------------------------------------------
@@ -261,18 +264,17 @@ def test_uncached_torchvision_weights_offline_fail_fast_naming_file_folder_and_u
     assert float(seconds) < 2 and torch_loaded == keras_loaded == "False"
 
 
-def test_train_with_uncached_torchvision_weights_stops_in_one_line(demo_dir, tmp_path):
-    if weights_module._can_reach("download.pytorch.org"):
-        pytest.skip("online: train would download torchvision's weights")
-    env = dict(cli_env(active_backend()), TORCH_HOME=str(tmp_path / "torch-home"))
+def test_train_with_uncached_torchvision_weights_stops_in_one_line(demo_dir, tmp_path, monkeypatch):
+    tried = go_offline(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # nothing cached
     out = tmp_path / "run"
     start = time.perf_counter()
-    result = run_subprocess("train", "--data-dir", str(demo_dir), "--weights", "torchvision", "--out", str(out),
-                            env=env, timeout=120)
+    result = run_cli("train", "--data-dir", str(demo_dir), "--weights", "torchvision", "--out", str(out))
     assert time.perf_counter() - start < 30
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.exit_code == 2 and tried, result.output[-2000:]
     lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "resnet50-0676ba61.pth" in lines[0], result.stderr[-2000:]
+    assert len(lines) == 1 and "resnet50-0676ba61.pth" in lines[0], result.output[-2000:]
+    assert "Traceback" not in result.output
     assert not out.exists()
 
 
