@@ -93,7 +93,7 @@ def test_other_errors_in_training_are_not_called_out_of_memory(tmp_path, monkeyp
 
 
 def _environment_after_check(env: dict[str, str]) -> dict:
-    code = ("import json, os, sys; from backend import check_backend; check_backend(); "
+    code = ("import json, os, sys; from backend.selection import check_backend; check_backend(); "
             "print(json.dumps({k: os.environ.get(k) for k in ('XLA_PYTHON_CLIENT_PREALLOCATE', "
             "'XLA_PYTHON_CLIENT_MEM_FRACTION')} | {'jax imported': 'jax' in sys.modules}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
