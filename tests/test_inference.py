@@ -117,7 +117,8 @@ def test_unusable_run_directories_and_model_files_are_refused(tmp_path, trained_
         load_run(unfinished)
     (unfinished / "model.keras").write_bytes(b"PK\3\4 truncated")
     result = run_cli("evaluate", str(unfinished))
-    assert result.exit_code == 2 and "not a loadable Keras model" in error_lines(result.output)[0]
+    line = error_lines(result.output)[0]  # named as damaged, with the checkpoint that still works
+    assert result.exit_code == 2 and "model.keras is damaged (" in line and "--checkpoint best uses best.weights.h5" in line
 
 
 def test_a_lambda_layer_is_refused_by_safe_mode(tmp_path):
