@@ -151,7 +151,7 @@ def claim_run_dir(out: str | Path | None, backend: str, runs_root: str | Path = 
     path = Path(out) if out else None
     if path is not None:
         check_apart(path, data_dir)
-        entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        entries = sorted(p.name for p in path.iterdir() if not _lock_being_written(p)) if path.is_dir() else []
         if entries and not is_run_dir(path):  # refused before anything is written into the user's folder
             raise OutputDirError(f"{path} is not empty and is not a run of this project ({_listed(entries)}); "
                                  f"choose another --out (nothing was changed)")
@@ -182,6 +182,12 @@ def reopen_run_dir(out: str | Path, data_dir: str | Path | None = None, notes: l
     lock_run_dir(path, notes)
     _remove_temporary_files(path, notes)
     return path
+
+
+def _lock_being_written(entry: Path) -> bool:
+    """An empty lock file: a run of ours starting at this moment has made it and not yet written
+    its name in it (two runs started together); the lock itself then says who holds the folder."""
+    return entry.name == LOCK_FILE and entry.is_file() and entry.stat().st_size == 0
 
 
 def _foreign_entries(path: Path) -> list[str]:
