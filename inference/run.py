@@ -128,8 +128,7 @@ def _model_from_options(options: dict, num_classes: int) -> keras.Model:
     from model import build_model
     from training.config import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names})
+    cfg = TrainConfig.from_record(options)
     return build_model(cfg.model_spec(), num_classes, cfg.image_size, "none")
 
 

@@ -32,8 +32,7 @@ def train(config_file: str, out: str, resume: bool) -> int:
         if cfg is None:
             return 0  # it finished already
     else:
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in read_config_file(config_file).items()}
-        cfg = TrainConfig(**dict(options, out=out))
+        cfg = TrainConfig.from_record(read_config_file(config_file), out=out)
     checked = preflight(cfg, resume=resume)  # before the backend loads
     os.environ.update(start_environment(cfg.deterministic, cfg.devices))
     from training.train import DivergedError, RunInterruptedError, RunStoppedError, run_training

@@ -150,6 +150,14 @@ class TrainConfig:
     runs_root: str = "runs"
     recipe: str | None = None  # the --recipe whose options this run started from (training.recipes)
 
+    @classmethod
+    def from_record(cls, options: dict, **changes) -> TrainConfig:
+        """A config from options as a JSON file holds them (a run's config.json, a grid's options
+        file): lists back to tuples, names this version has no option for left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
+        return cls(**{**values, **changes})
+
     def model_spec(self) -> ModelSpec:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
                          self.bn_momentum, dropout_seed=self.seed, arch=self.resolved_arch,

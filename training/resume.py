@@ -8,7 +8,6 @@ checkpoint's phase is rebuilt and loaded by `training.train.fit_phases`. Keras-f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -70,11 +69,9 @@ def resume_config(run_dir: str | Path, data_dir: str | None = None) -> TrainConf
     if trained_under and trained_under != selected_backend():
         raise ConfigError(f"--resume {run_dir}: the run trained under {trained_under}; resume it with "
                           f"KERAS_BACKEND={trained_under} (a run that switches backends measures neither)")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in names}
-    values["data_dir"] = data_dir or recorded_data_dir(config)
-    check_run_data(run_dir, config, values["data_dir"])
-    return dataclasses.replace(TrainConfig(**values), out=str(run_dir))
+    data_dir = data_dir or recorded_data_dir(config)
+    check_run_data(run_dir, config, data_dir)
+    return TrainConfig.from_record(options, data_dir=data_dir, out=str(run_dir))
 
 
 def recorded_data_dir(config: dict) -> str:
