@@ -23,12 +23,7 @@ Digest = tuple[int, str]  # (bytes, sha256 hex); (-1, "") for a file that cannot
 
 def file_digest(path: str | Path) -> Digest:
     """The size and SHA-256 of a file's bytes."""
-    try:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256")
-            return f.tell(), digest.hexdigest()
-    except OSError:
-        return -1, ""
+    return read_and_digest(path)[1]
 
 
 def read_and_digest(path: str | Path) -> tuple[bytes | None, Digest]:

@@ -84,7 +84,7 @@ class RunInterruptedError(RuntimeError):
 
 
 def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log,
-          notes: list[tuple[str, str]], digests: dict[str, Digest]) -> tuple[list[Example], list]:
+          notes: list[tuple[str, str]], digests: dict[str, Digest] | None) -> tuple[list[Example], list]:
     if not examples:
         return [], []
     bar = keras.utils.Progbar(len(examples), verbose=1 if cfg.verbose else 0, unit_name="image")
@@ -277,7 +277,7 @@ class RunData:
     skipped: list[tuple[str, str]]
     cache: DecodedCache | None
     decode_notes: list[tuple[str, str]]
-    digests: dict[str, Digest]  # per file read: size and SHA-256 (data.fingerprint)
+    digests: dict[str, Digest] | None  # per file read: size and SHA-256 (data.fingerprint); None when resumed
 
     @property
     def counts(self) -> dict:
@@ -285,13 +285,13 @@ class RunData:
         return dataclasses.replace(self.splits, train=self.train, val=self.val, test=self.test).counts()
 
 
-def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None]) -> RunData:
+def load_data(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None], record: bool = True) -> RunData:
     """Decodes every split once (into the cache), lists the files that could not be read in
     skipped.txt, and writes leakage.json when the run looks for twins."""
     run_dir, splits = checked.run_dir, checked.splits
     cache = DecodedCache() if cfg.cache else None
     notes: list[tuple[str, str]] = []
-    digests: dict[str, Digest] = {}
+    digests: dict[str, Digest] | None = {} if record else None  # a resumed run's data was checked, not recorded again
     decoded = {name: _scan(name, examples, cfg, cache, log, notes, digests)
                for name, examples in (("training", splits.train), ("validation", splits.val), ("test", splits.test))}
     skipped = [item for _, skipped in decoded.values() for item in skipped]
@@ -501,7 +501,7 @@ def _run_steps(cfg: TrainConfig, checked: Preflight, log: Callable[[str], None],
             log(_describe_replicas(cfg))
         for note in checked.notes:
             log(f"note: {note}")
-        data = load_data(cfg, checked, log)
+        data = load_data(cfg, checked, log, record=not resume)
     phases = plan_phases(cfg)
     if resume:
         state = reconcile_run_dir(run_dir, data.counts)
