@@ -27,7 +27,7 @@ from training.options import (
 @data_dir_option("Folder with Training/<class>/*.", required=True, path_type=click.Path(exists=True, file_okay=False))
 @click_options(TrainConfig, ["image_size", "batch_size"])
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(2), help="Epoch 1 is cold, the last warm.")
-@click.option("--workers", "workers_levels", default="2", show_default=True, type=LevelList(click.IntRange(1)), help="Loader threads; several (e.g. 1,2,4) give a scaling table.")
+@click.option("--workers", "workers_levels", default=str(TrainConfig.workers), show_default=True, type=LevelList(click.IntRange(1)), help="Loader threads; several (e.g. 1,2,4) give a scaling table.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="Also measure the tf.data baseline (at the most workers).")
 def bench_pipeline_command(data_dir: str, image_size: int, batch_size: int, epochs: int, workers_levels: list[int],
                            baseline: bool) -> None:

@@ -15,6 +15,9 @@ from commands.common import (
     user_errors,
 )
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
+from data.defaults import WORKERS
+from data.demo import DEMO_SEED, TEST_PER_CLASS, TRAIN_PER_CLASS
+from data.download import DATASET
 from errors import UserInputError
 from training.config import AUGMENTATION, DATA, TrainConfig
 from training.options import (
@@ -27,9 +30,9 @@ from training.options import (
 
 @click.command("make-demo-data")
 @click.argument("out_dir", type=click.Path())
-@click.option("--train-per-class", default=40, show_default=True, type=click.IntRange(1))
-@click.option("--test-per-class", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-per-class", default=TRAIN_PER_CLASS, show_default=True, type=click.IntRange(1))
+@click.option("--test-per-class", default=TEST_PER_CLASS, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=DEMO_SEED, show_default=True, type=int)
 @click.option("--replace", is_flag=True, help="Replace a demo dataset this command wrote before (only its own files; any other file there is refused).")
 def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: int, seed: int, replace: bool) -> None:
     """Write the synthetic phantom dataset (a smoke test, not medical data) to OUT_DIR, a new or empty folder."""
@@ -47,7 +50,7 @@ def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: i
 @click.option("--max-distance", default=DEFAULT_MAX_DISTANCE, show_default=True, type=click.IntRange(0, 64), help="Candidate near pair: dHash (64 bits, of the content box) within this many bits.")
 @click.option("--min-correlation", default=DEFAULT_MIN_CORRELATION, show_default=True, type=click.FloatRange(-1, 1), help="A candidate is a near duplicate when the 64x64 thumbnails correlate this much.")
 @out_option("Where to write every group with its files.", default="audit.json", path_type=click.Path(dir_okay=False), show_default=True)
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=WORKERS, show_default=True, type=click.IntRange(1))
 def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, workers: int) -> None:
     """Find exact and near duplicate images, within and across splits, and label conflicts."""
     import time
@@ -82,7 +85,7 @@ def audit(data_dir: str, max_distance: int, min_correlation: float, out: str, wo
 
 @click.command()
 @click.option("--dest", default=None, type=click.Path(file_okay=False), help="Folder to download into (default: kagglehub's cache, ~/.cache/kagglehub).")
-@click.option("--dataset", default="masoudnickparvar/brain-tumor-mri-dataset", show_default=True, help="Kaggle dataset handle (owner/name[/versions/N]).")
+@click.option("--dataset", default=DATASET, show_default=True, help="Kaggle dataset handle (owner/name[/versions/N]).")
 def download(dest: str | None, dataset: str) -> None:
     """Fetch the Kaggle Brain Tumor MRI Dataset with kagglehub and check its layout."""
     from data.discovery import DatasetError

@@ -16,6 +16,7 @@ from commands.common import (
     user_errors,
 )
 from training.config import TrainConfig
+from training.metrics import LOW_CONFIDENCE
 from training.options import (
     click_options,
 )
@@ -42,7 +43,7 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, ba
 @RUN_DIR
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False), help="Also write the rows to this CSV file.")
-@click.option("--threshold", default=0.6, show_default=True, type=click.FloatRange(0, 1), help="Flag low_confidence when the top probability is below this (a classifier answers even for a non-MRI image).")
+@click.option("--threshold", default=LOW_CONFIDENCE, show_default=True, type=click.FloatRange(0, 1), help="Flag low_confidence when the top probability is below this (a classifier answers even for a non-MRI image).")
 @CHECKPOINT
 @click_options(TrainConfig, ["batch_size"])
 @user_errors

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from data.decode import DecodeError, read_image
+from data.defaults import WORKERS
 from data.layout import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
 from data.markdown import markdown_table
 
@@ -92,7 +93,7 @@ def fingerprint(path: str) -> Fingerprint:
     return Fingerprint(path, digest, perceptual_hash(image), thumbnail(image), image.size, mode)
 
 
-def fingerprints(paths: list[str], workers: int = 2, progress: Callable[[int], None] | None = None
+def fingerprints(paths: list[str], workers: int = WORKERS, progress: Callable[[int], None] | None = None
                  ) -> tuple[list[Fingerprint], list[tuple[str, str]]]:
     """Fingerprints of the readable files and `(path, reason)` for the others."""
     def one(path: str):
@@ -233,7 +234,7 @@ def list_dataset(data_dir: str | Path) -> tuple[list[Item], dict[str, dict[str, 
 
 
 def audit_dataset(data_dir: str | Path, max_distance: int = DEFAULT_MAX_DISTANCE,
-                  min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = 2,
+                  min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = WORKERS,
                   progress: Callable[[int], None] | None = None) -> dict:
     """The whole audit as a JSON-ready dict: counts, sizes, modes, unreadable files and
     every duplicate group with its files, splits and labels."""
@@ -302,7 +303,7 @@ class Deduplication:
 
 
 def deduplicate(train: list, test: list, max_distance: int = DEFAULT_MAX_DISTANCE,
-                min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = 2, drop: bool = True) -> Deduplication:
+                min_correlation: float = DEFAULT_MIN_CORRELATION, workers: int = WORKERS, drop: bool = True) -> Deduplication:
     """Finds the test images with an exact or near twin in `train` (examples with `.path` and
     `.label`). With `drop`, also drops from `train` every such twin, keeps one image of each
     duplicate group inside `train` (the first in order), and drops all copies of an image that

@@ -32,6 +32,8 @@ CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SIZES = (96, 128, 160)
 SPLITS = ("Training", "Testing")
 MARKER = ".demo-data.json"
+# make-demo-data unless told: images per class in Training/ and Testing/, and the seed of their randomness
+TRAIN_PER_CLASS, TEST_PER_CLASS, DEMO_SEED = 40, 10, 0
 _DEMO_TAG = 0x4445
 
 
@@ -115,7 +117,7 @@ def _save(pixels: np.ndarray, path: Path, index: int) -> Path:
 
 
 def make_demo_data(
-    out_dir: str | Path, train_per_class: int = 40, test_per_class: int = 10, seed: int = 0,
+    out_dir: str | Path, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS, seed: int = DEMO_SEED,
     replace: bool = False,
 ) -> dict[str, int]:
     """Writes `Training/` and `Testing/` under `out_dir`; returns file counts per split.

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.defaults import SEED, TEST_SPLIT, VAL_SPLIT
 from data.layout import (
     IMAGE_EXTENSIONS,
     TEST_DIR,
@@ -167,7 +168,7 @@ def stratified_split(
 
 
 def make_splits(
-    data_dir: str | Path, val_split: float = 0.1, test_split: float = 0.0, seed: int = 0,
+    data_dir: str | Path, val_split: float = VAL_SPLIT, test_split: float = TEST_SPLIT, seed: int = SEED,
     dedup: bool = False, max_distance: int | None = None, min_correlation: float | None = None,
     find_twins: bool = False,
 ) -> Splits:

@@ -33,6 +33,7 @@ import numpy as np
 
 from data.augment import AugmentConfig, augment_image, example_rng, normalize
 from data.decode import DecodeError, decode_and_resize
+from data.defaults import SEED, WORKERS
 from data.discovery import Example
 from data.fingerprint import Digest, read_and_digest
 
@@ -64,7 +65,7 @@ def scan_examples(
     examples: list[Example],
     image_size: int,
     cache: DecodedCache | None = None,
-    workers: int = 2,
+    workers: int = WORKERS,
     progress: Callable[[int], None] | None = None,
     notes: list[tuple[str, str]] | None = None,
     digests: dict[str, Digest] | None = None,
@@ -131,10 +132,10 @@ class MRIBatches(keras.utils.PyDataset):
         preprocess: str = "caffe",
         augment: AugmentConfig | None = None,
         shuffle: bool = False,
-        seed: int = 0,
+        seed: int = SEED,
         epoch: int = 0,
         cache: DecodedCache | None = None,
-        workers: int = 2,
+        workers: int = WORKERS,
         prefetch: int | None = None,
     ) -> None:
         super().__init__()  # Keras' own workers off: see the module docstring.

@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from data.defaults import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example
 from data.loader import MRIBatches, scan_examples
 from data.markdown import markdown_table
@@ -17,7 +18,7 @@ from training.metrics import classification_report, softmax
 from training.rundir import write_json
 
 
-def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int = 32, workers: int = 2) -> dict:
+def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int = BATCH_SIZE, workers: int = WORKERS) -> dict:
     """Scores the run's model on `examples` (unreadable files skipped and listed).
 
     Returns the classification report plus every file's label, prediction and
@@ -47,7 +48,7 @@ def evaluation_path(run: TrainedRun, split: str) -> Path:
 
 
 def evaluate_run(run: TrainedRun, examples: list[Example], split: str, source: str,
-                 batch_size: int = 32, workers: int = 2, log: Callable[[str], None] = print) -> dict:
+                 batch_size: int = BATCH_SIZE, workers: int = WORKERS, log: Callable[[str], None] = print) -> dict:
     """Evaluates, writes the JSON file and prints the table; returns the report."""
     log(f"Evaluating {run.run_dir} ({run.checkpoint} weights) on {len(examples)} images of {source} "
         f"under {keras.backend.backend()}")

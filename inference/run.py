@@ -14,9 +14,10 @@ import numpy as np
 
 from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
+from data.defaults import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from data.markdown import markdown_table
-from training.metrics import softmax
+from training.metrics import LOW_CONFIDENCE, softmax
 from training.resume import check_run_data, recorded_data_dir
 from training.rundir import (
     BEST,
@@ -45,7 +46,7 @@ class TrainedRun:
     options: dict
     config: dict  # the run's whole config.json (counts, data paths), read once by load_run
 
-    def logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def logits(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Inference-mode logits of uint8 NHWC images of side `image_size`."""
         chunks = [
             self.model.predict_on_batch(normalize(images[i : i + batch_size], self.preprocess))
@@ -53,7 +54,7 @@ class TrainedRun:
         ]
         return np.concatenate([np.asarray(keras.ops.convert_to_numpy(c), np.float32) for c in chunks])
 
-    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         return softmax(self.logits(images, batch_size))
 
 
@@ -194,7 +195,7 @@ class Prediction:
         return max(self.probabilities) if self.probabilities else None
 
 
-def read_images(paths: list[str], size: int, workers: int = 2) -> tuple[np.ndarray, list[str | None]]:
+def read_images(paths: list[str], size: int, workers: int = WORKERS) -> tuple[np.ndarray, list[str | None]]:
     """Decodes files at `size` px; returns the images of the readable ones and, per path,
     None or the reason it could not be read."""
     def read(path: str):
@@ -215,8 +216,8 @@ def expand_paths(paths) -> list[str]:
     return [str(f) for p in paths for f in files_under(p)]
 
 
-def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = 0.6,
-                  batch_size: int = 32, workers: int = 2) -> list[Prediction]:
+def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = LOW_CONFIDENCE,
+                  batch_size: int = BATCH_SIZE, workers: int = WORKERS) -> list[Prediction]:
     """Predicts every file under `paths` (files or folders); unreadable files get an error
     and do not stop the others. A top probability below `threshold` is flagged."""
     files = expand_paths(paths)

@@ -9,7 +9,6 @@ in a subprocess (so a tensorflow or jax process never loads torch), into Keras' 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import socket
@@ -17,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from checksums import file_digest
 from errors import UserInputError
 from model.spec import ARCHS, KERAS_V1, TORCHVISION_V15
 
@@ -50,7 +50,6 @@ KERAS_WEIGHTS_HASHES = {
 }
 _TOP_SUFFIX = "_weights_tf_dim_ordering_tf_kernels.h5"
 _NOTOP_SUFFIX = "_weights_tf_dim_ordering_tf_kernels_notop.h5"
-_CHUNK = 2**20  # bytes read at a time when hashing a file
 
 # torchvision's ResNet50 weights, `--weights NAME: (ResNet50_Weights member, file name)`, as
 # torchvision publishes them: the part after the dash is the start of the file's SHA-256
@@ -87,20 +86,6 @@ def _can_reach(host: str, timeout: float = 5.0) -> bool:
     except OSError:
         return False
     return True
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """The hex digest of a file's bytes, read in 1 MiB chunks (`algorithm` as hashlib names it)."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, for recording which file a run started from."""
-    return file_digest(path, "sha256")
 
 
 def keras_weights_file_names(name: str) -> tuple[str, str]:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from checksums import file_sha256
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import error_lines, run_cli
-from training.rundir import file_sha256
 
 RNG = np.random.default_rng(0)
 TF_STARTUP_LINES = ("WARNING: All log messages before absl::InitializeLog()", "I0000 ")

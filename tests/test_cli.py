@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from checksums import file_sha256
 from cli import cli
 from tests.conftest import BACKENDS, ROOT, active_backend, cli_env, make_layout
-from training.rundir import file_sha256
 
 
 def run_cli(*args: str):

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from checksums import file_sha256
 from studies.compare import (
     FACTORS,
     Run,
@@ -24,7 +25,6 @@ from studies.compare import (
 )
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_cli import error_lines, go_offline, run_cli
-from training.rundir import file_sha256
 
 
 def fake_result(backend: str, preprocess: str, seed: int, test_accuracy: float, val_acc: list[float]) -> dict:

@@ -8,16 +8,27 @@ import inspect
 
 from backend.exports import EXPORT_FORMATS
 from bench.train import BenchSettings
-from commands.runs import export
+from commands.bench import bench_pipeline_command
+from commands.data import audit, download, make_demo_data_command
+from commands.runs import export, predict
+from data.audit import audit_dataset, deduplicate, fingerprints
 from data.augment import AUGMENT_STYLES, KERAS_FLIP_PROB, AugmentConfig
+from data.demo import make_demo_data
+from data.discovery import make_splits
+from data.download import DATASET
+from data.loader import MRIBatches, scan_examples
+from inference.evaluate import evaluate_examples, evaluate_run
+from inference.run import TrainedRun, predict_files, read_images
 from model.classifier import build_backbone, build_classifier, classification_head
 from model.factory import build_model
 from model.hybrid import build_hybrid
 from model.spec import NO_WEIGHTS, UNCUT, ModelSpec
 from model.weights import resolve_arch
-from training.config import AUGMENTS, NO_AUGMENT, TrainConfig
+from training.config import AUGMENTS, JIT_COMPILE, NO_AUGMENT, TrainConfig
+from training.metrics import LOW_CONFIDENCE
 from training.options import command_defaults
 from training.recipes import RECIPES, STUDY_SCHEDULE
+from training.schedule import Phase
 
 DECLARED = command_defaults(TrainConfig)
 # Fields named otherwise below the command line than their option.
@@ -125,3 +136,44 @@ def test_export_formats_are_one_table():
     assert list(choices) == list(EXPORT_FORMATS)
     for fmt in EXPORT_FORMATS.values():
         assert set(fmt.needs) == {"tensorflow", "torch", "jax"}
+
+
+# The input pipeline and the use of a finished run state the options' defaults (data.defaults',
+# training.metrics'), some under another name: function -> {its name: the option's, or None for a
+# parameter that only shares an option's name}.
+NOT_THE_FLAG = {"cache": None, "augment": None}  # a DecodedCache and an AugmentConfig, not the flags
+PIPELINE = {
+    scan_examples: NOT_THE_FLAG, MRIBatches: NOT_THE_FLAG, audit_dataset: {}, deduplicate: {}, fingerprints: {},
+    make_splits: {"seed": "split_seed"}, TrainedRun.logits: {}, TrainedRun.probabilities: {}, read_images: {},
+    predict_files: {}, evaluate_examples: {}, evaluate_run: {},
+}
+
+
+def test_the_pipeline_and_the_use_of_a_run_default_to_the_options():
+    declared = {**DECLARED, "threshold": LOW_CONFIDENCE}
+    for fn, renamed in PIPELINE.items():
+        stated = {renamed.get(name, name): value for name, value in signature_defaults(fn).items()
+                  if renamed.get(name, name) is not None}
+        assert drifts(fn.__qualname__, stated, declared) == []
+    assert signature_defaults(make_splits)["seed"] == DECLARED["split_seed"]
+    assert signature_defaults(predict_files)["threshold"] == LOW_CONFIDENCE
+    assert {"workers", "batch_size"} <= signature_defaults(evaluate_examples).keys()
+
+
+def test_a_phase_defaults_to_the_options():
+    assert drifts("Phase", field_defaults(Phase), {**DECLARED, "schedule": DECLARED["lr_schedule"]}) == []
+    assert Phase("p", 1, 1e-3).jit_compile == JIT_COMPILE[DECLARED["jit_compile"]]
+
+
+def option_default(command, name: str):
+    return next(p for p in command.params if p.name == name).default
+
+
+def test_the_commands_default_to_what_they_call():
+    assert option_default(predict, "threshold") == signature_defaults(predict_files)["threshold"]
+    assert option_default(audit, "workers") == signature_defaults(audit_dataset)["workers"]
+    demo = signature_defaults(make_demo_data)
+    for name in ("train_per_class", "test_per_class", "seed"):
+        assert option_default(make_demo_data_command, name) == demo[name], name
+    assert option_default(download, "dataset") == DATASET
+    assert option_default(bench_pipeline_command, "workers_levels") == str(DECLARED["workers"])

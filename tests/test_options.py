@@ -9,6 +9,7 @@ import h5py
 import pytest
 from click.testing import CliRunner
 
+from checksums import file_sha256
 from cli import cli
 from commands.data import pipeline_hash_command
 from commands.studies import compare
@@ -18,7 +19,6 @@ from tests.conftest import active_backend
 from tests.test_cli import run_subprocess
 from training.config import HYBRID_RECIPE, TrainConfig
 from training.options import cli_fields, command_defaults
-from training.rundir import file_sha256
 
 
 def cli_defaults(command, args: list[str] | None = None) -> dict:

@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import pytest
 
+from checksums import file_sha256
 from data.augment import normalize
 from data.decode import decode_and_resize
 from data.demo import make_demo_data
@@ -336,7 +337,7 @@ def test_the_converted_file_keeps_fc_and_the_backbone_loads_it(torch_reference):
     pth = torch_reference / "resnet50.pth"
     with h5py.File(converted_torchvision_file(pth), "r") as f:
         assert f["predictions/0"].shape == (2048, 1000)
-        assert f.attrs["source_sha256"] == weights_module.file_sha256(pth)
+        assert f.attrs["source_sha256"] == file_sha256(pth)
     backbone = build_backbone(64, str(pth), cut="conv4", arch=TORCHVISION_V15)
     arrays = np.load(torch_reference / "arrays.npz")
     np.testing.assert_array_equal(to_numpy(backbone.get_layer("conv4_block6_3_conv").kernel),
@@ -349,7 +350,7 @@ def test_named_weights_come_from_the_hub_cache_and_the_converted_copy(torch_refe
     """`--weights torchvision` offline with the file cached: the hash in its name is checked,
     the conversion already made is reused (no subprocess, no network)."""
     pth = torch_reference / "resnet50.pth"
-    file_name = f"resnet50-{weights_module.file_sha256(pth)[:8]}.pth"
+    file_name = f"resnet50-{file_sha256(pth)[:8]}.pth"
     cached = caches / "torch" / "hub" / "checkpoints" / file_name
     cached.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(pth, cached)

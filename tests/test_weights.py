@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from checksums import file_sha256
 from model import WeightsError, resolve_backbone_weights
 from model import weights as weights_module
 from tests.conftest import ROOT, active_backend, cli_env
@@ -86,7 +87,7 @@ def test_a_cached_file_is_used_only_while_it_has_the_published_hash(tmp_path, mo
 def test_file_sha256_streams_the_whole_file(tmp_path):
     data = b"0123456789abcdef" * 200_000  # 3.2 MB: several 1 MiB chunks
     (tmp_path / "f").write_bytes(data)
-    assert weights_module.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 
 def test_train_refuses_a_truncated_imagenet_file_before_anything_runs(demo_dir, tmp_path):

@@ -15,6 +15,7 @@ from backend.parallel import data_parallel_launch_error, process_rank
 from backend.selection import selected_backend
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import AUGMENT_STYLES, KERAS_GENERATOR, PREPROCESS_MODES, AugmentConfig
+from data.defaults import BATCH_SIZE, SEED, TEST_SPLIT, VAL_SPLIT, WORKERS
 from data.discovery import DatasetError, Splits, make_splits
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, FREEZE_MODES, IMAGE_SIZE, MODELS, NO_FREEZE, PRECISIONS, ModelSpec
@@ -29,8 +30,9 @@ AUGMENTS = (*AUGMENT_STYLES, NO_AUGMENT)  # --augment: data.augment's styles by 
 JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> model.compile(jit_compile=...)
 DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
 # Defaults declared below the command line, at the lowest layer that needs them, are taken from
-# there: the augmentation's from data.augment (`_AUGMENT`), the model's from model.spec (`ModelSpec`'s
-# fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py fails when a copy drifts.
+# there: the input pipeline's from data.defaults, the augmentation's from data.augment (`_AUGMENT`), the
+# model's from model.spec (`ModelSpec`'s fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py
+# fails when a copy drifts.
 _AUGMENT = AugmentConfig()
 
 
@@ -48,17 +50,17 @@ class TrainConfig:
                            "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
     image_size: int = option(IMAGE_SIZE, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
-    batch_size: int = option(32, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
+    batch_size: int = option(BATCH_SIZE, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
                              group=DATA)
-    val_split: float = option(0.1, "Stratified fraction of Training used for validation.",
+    val_split: float = option(VAL_SPLIT, "Stratified fraction of Training used for validation.",
                               type=click.FloatRange(0, 1, max_open=True), group=DATA)
-    test_split: float = option(0.0, "Without Testing/: stratified fraction of Training held out as the test set.",
+    test_split: float = option(TEST_SPLIT, "Without Testing/: stratified fraction of Training held out as the test set.",
                                type=click.FloatRange(0, 1, max_open=True), group=DATA)
-    split_seed: int = option(0, "Seed of the validation and test splits.", type=int, group=DATA)
-    seed: int = option(0, "Seed of the batch order, augmentation and model randomness.", type=int, group=DATA)
-    workers: int = option(2, "Loader threads (0: load in the training thread).", type=click.IntRange(0), group=DATA)
+    split_seed: int = option(SEED, "Seed of the validation and test splits.", type=int, group=DATA)
+    seed: int = option(SEED, "Seed of the batch order, augmentation and model randomness.", type=int, group=DATA)
+    workers: int = option(WORKERS, "Loader threads (0: load in the training thread).", type=click.IntRange(0), group=DATA)
     cache: bool = option(True, "Keep decoded images in memory (n * size^2 * 3 bytes).", group=DATA)
     dedup: bool = option(False, "Drop from training every image with an exact or near twin in the test set, keep "
                          "one of each duplicate group (none of an image under two labels); write leakage.json.",

@@ -6,6 +6,10 @@ import numpy as np
 
 from data.markdown import markdown_table
 
+# `predict` flags a prediction whose top probability is below this (--threshold): a classifier
+# answers even for an image that is not a brain MRI.
+LOW_CONFIDENCE = 0.6
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64)

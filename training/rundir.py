@@ -17,8 +17,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from checksums import file_sha256
 from errors import UserInputError
-from model.weights import file_sha256
 
 # The files of a run directory that hold weights.
 INITIAL, LAST, BEST, MODEL_FILE = "initial.weights.h5", "last.weights.h5", "best.weights.h5", "model.keras"

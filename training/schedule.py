@@ -12,7 +12,7 @@ import math
 
 import keras
 
-from training.config import JIT_COMPILE, SCHEDULES
+from training.config import JIT_COMPILE, SCHEDULES, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,14 +22,15 @@ class Phase:
     name: str
     epochs: int
     learning_rate: float
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
+    # The options' defaults (TrainConfig's), for a phase built without them.
+    schedule: str = TrainConfig.lr_schedule
+    warmup_epochs: float = TrainConfig.warmup_epochs
     backbone_blocks: int | None = None  # top residual blocks that train; None: all, 0: frozen
     train_batchnorm: bool = True  # the backbone's BatchNormalization in those blocks trains too
-    weight_decay: float = 0.0  # Adam's decoupled weight decay, on kernels
-    label_smoothing: float = 0.0
-    jit_compile: str | bool = "auto"  # model.compile's
-    steps_per_execution: int = 1
+    weight_decay: float = TrainConfig.weight_decay  # Adam's decoupled weight decay, on kernels
+    label_smoothing: float = TrainConfig.label_smoothing
+    jit_compile: str | bool = JIT_COMPILE[TrainConfig.jit_compile]  # model.compile's
+    steps_per_execution: int = TrainConfig.steps_per_execution
 
 
 def plan_phases(cfg) -> list[Phase]:
@@ -39,7 +40,8 @@ def plan_phases(cfg) -> list[Phase]:
     common = {"weight_decay": cfg.weight_decay, "label_smoothing": cfg.label_smoothing,
               "jit_compile": JIT_COMPILE[cfg.jit_compile], "steps_per_execution": cfg.steps_per_execution}
     if cfg.head_epochs:
-        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, backbone_blocks=0, **common))
+        # The schedule options are the main phase's: the head phase runs at a constant rate.
+        phases.append(Phase("head", cfg.head_epochs, cfg.head_lr, "constant", 0.0, backbone_blocks=0, **common))
     blocks = 0 if cfg.freeze == "backbone" else cfg.unfreeze_blocks
     # The hybrid keeps the backbone's BatchNormalization on the statistics its weights
     # came with; the plain classifier trains it, as the original study did.

@@ -24,6 +24,7 @@ from backend import distribute
 from backend.determinism import enable_determinism, set_random_seed
 from backend.devices import devices, is_out_of_memory, peak_memory_mb
 from backend.selection import environment, tensorflow_kept_out
+from checksums import file_sha256
 from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
 from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
 from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
@@ -57,7 +58,6 @@ from training.rundir import (
     atomic_write,
     check_free_space,
     checkpoint_state,
-    file_sha256,
     new_run_id,
     read_history,
     write_csv,
