@@ -33,16 +33,19 @@ from training.options import (
 @click.option("--train-per-class", default=TRAIN_PER_CLASS, show_default=True, type=click.IntRange(1))
 @click.option("--test-per-class", default=TEST_PER_CLASS, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=DEMO_SEED, show_default=True, type=int)
+@click.option("--dicom", is_flag=True, help="Write every image as an MR DICOM file (12 bits stored; MONOCHROME1 and 2, with and without a window).")
 @click.option("--replace", is_flag=True, help="Replace a demo dataset this command wrote before (only its own files; any other file there is refused).")
-def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: int, seed: int, replace: bool) -> None:
+def make_demo_data_command(out_dir: str, train_per_class: int, test_per_class: int, seed: int, dicom: bool,
+                           replace: bool) -> None:
     """Write the synthetic phantom dataset (a smoke test, not medical data) to OUT_DIR, a new or empty folder."""
     from data.demo import make_demo_data
 
     try:
-        counts = make_demo_data(out_dir, train_per_class, test_per_class, seed, replace=replace)
+        counts = make_demo_data(out_dir, train_per_class, test_per_class, seed, replace=replace, dicom=dicom)
     except UserInputError as e:
         raise UserError(str(e)) from None
-    click.echo(f"Wrote {counts['Training']} training and {counts['Testing']} test images to {out_dir}")
+    kind = "DICOM " if dicom else ""
+    click.echo(f"Wrote {counts['Training']} training and {counts['Testing']} test {kind}images to {out_dir}")
 
 
 @click.command()

@@ -1,4 +1,4 @@
-"""Decoding any image Pillow can read into RGB uint8 at a fixed square size.
+"""Decoding any image Pillow or pydicom can read into RGB uint8 at a fixed square size.
 
 Pillow and NumPy only (no backend ops), so the bytes are the same whichever
 Keras backend is active. Float images are scaled from their actual range and
@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from data.dicom import DicomError, is_dicom, read_dicom
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
@@ -162,6 +164,8 @@ def read_image(path: str, notes: list[str] | None = None, data: bytes | None = N
     """
     if (len(data) == 0) if data is not None else (os.path.isfile(path) and os.path.getsize(path) == 0):
         raise DecodeError("empty file (0 bytes)")
+    if is_dicom(path, data):
+        return _read_dicom(path, notes, data)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
             # Refused here, by size, rather than by turning Pillow's warning into an error:
@@ -180,11 +184,24 @@ def read_image(path: str, notes: list[str] | None = None, data: bytes | None = N
         raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(f"cannot decode: {e}") from None
+    return _kept(img, mode, notes, [turned, note])
+
+
+def _kept(img: Image.Image, mode: str, notes: list[str] | None, found: list[str | None]) -> tuple[Image.Image, str]:
+    """The image, unless too small to hold anatomy; what was done to it goes to `notes`."""
     if min(img.size) < MIN_SIDE:
         raise DecodeError(f"{img.size[0]}x{img.size[1]} px, smaller than {MIN_SIDE} px on a side")
     if notes is not None:  # only for an image that is kept
-        notes += [n for n in (turned, note) if n is not None]
+        notes += [n for n in found if n is not None]
     return img, mode
+
+
+def _read_dicom(path: str, notes: list[str] | None, data: bytes | None) -> tuple[Image.Image, str]:
+    try:
+        img, mode, found = read_dicom(path, data, Image.MAX_IMAGE_PIXELS)
+    except DicomError as e:
+        raise DecodeError(str(e)) from None
+    return _kept(img, mode, notes, found)
 
 
 def decode_and_resize(path: str, size: int, notes: list[str] | None = None, data: bytes | None = None) -> np.ndarray:

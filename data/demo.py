@@ -34,6 +34,8 @@ SPLITS = ("Training", "Testing")
 MARKER = ".demo-data.json"
 # make-demo-data unless told: images per class in Training/ and Testing/, and the seed of their randomness
 TRAIN_PER_CLASS, TEST_PER_CLASS, DEMO_SEED = 40, 10, 0
+# The patient name and ID in the header of a demo DICOM file: a phantom's, not a person's.
+DEMO_PATIENT = ("Phantom^Demo", "DEMO-PHANTOM")
 _DEMO_TAG = 0x4445
 
 
@@ -98,9 +100,43 @@ def phantom(rng: np.random.Generator, class_name: str, size: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def _file_name(class_name: str, index: int) -> str:
-    """Image `index`'s file name: every 7th, from the 4th, a PNG (the real data mix formats)."""
-    return f"{class_name}_{index:04d}{'.png' if index % 7 == 3 else '.jpg'}"
+def _file_name(class_name: str, index: int, dicom: bool = False) -> str:
+    """Image `index`'s file name: every 7th, from the 4th, a PNG (the real data mix formats); all
+    `.dcm` for a DICOM dataset."""
+    suffix = ".dcm" if dicom else ".png" if index % 7 == 3 else ".jpg"
+    return f"{class_name}_{index:04d}{suffix}"
+
+
+def save_dicom(pixels: np.ndarray, path: Path, index: int, patient: tuple[str, str] = DEMO_PATIENT,
+               uid_seed: tuple[int, ...] = ()) -> Path:
+    """A phantom slice as an MR DICOM file, 12 bits stored in 16, as a scanner writes one.
+
+    Varied by `index`, so that reading exercises the viewer rules of `data.dicom`: odd images are
+    MONOCHROME1 (stored inverted), every third carries no window (read min..max), the rest a
+    window that spans the stored range. Read by those rules, each gives the phantom back.
+    `patient`: (name, ID) written into the header, which nothing the project writes may repeat.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    stored = pixels.astype(np.uint16) * 16 + 8  # 8-bit grey levels onto 12 bits (8..4088)
+    monochrome1 = index % 2 == 1
+    uid = generate_uid(entropy_srcs=[str(v) for v in (_DEMO_TAG, *uid_seed, index)])  # the same file every time
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, uid, "MR"
+    ds.PatientName, ds.PatientID = patient
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if index % 3:
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = (4095 - stored if monochrome1 else stored).astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 def _save(pixels: np.ndarray, path: Path, index: int) -> Path:
@@ -118,12 +154,13 @@ def _save(pixels: np.ndarray, path: Path, index: int) -> Path:
 
 def make_demo_data(
     out_dir: str | Path, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS, seed: int = DEMO_SEED,
-    replace: bool = False,
+    replace: bool = False, dicom: bool = False, patient: tuple[str, str] = DEMO_PATIENT,
 ) -> dict[str, int]:
     """Writes `Training/` and `Testing/` under `out_dir`; returns file counts per split.
 
     `out_dir` must be new or empty (raises `DemoDataError` otherwise); with `replace=True` it
-    may also be a demo dataset written here before, whose listed files are removed first."""
+    may also be a demo dataset written here before, whose listed files are removed first.
+    `dicom`: every image an MR DICOM file (`save_dicom`) with `patient` in its header."""
     out = Path(out_dir)
     per_split = dict(zip(SPLITS, (train_per_class, test_per_class), strict=True))
     if replace and (out / MARKER).exists():
@@ -131,12 +168,13 @@ def make_demo_data(
     else:
         _check_empty(out, replace)
     folders = [f"{split}/{name}" for split in SPLITS for name in CLASSES]
-    files = [f"{split}/{name}/{_file_name(name, i)}" for split in SPLITS for name in CLASSES for i in range(per_split[split])]
+    files = [f"{split}/{name}/{_file_name(name, i, dicom)}" for split in SPLITS for name in CLASSES
+             for i in range(per_split[split])]
     # The marker comes first, listing what is about to be written: a run cut short still
     # leaves a folder that `replace=True` recognises and can clean.
     out.mkdir(parents=True, exist_ok=True)
     _write_marker(out, {"made_by": "make-demo-data", "seed": seed, "train_per_class": train_per_class,
-                        "test_per_class": test_per_class, "sizes": list(SIZES), "classes": list(CLASSES),
+                        "test_per_class": test_per_class, "dicom": dicom, "sizes": list(SIZES), "classes": list(CLASSES),
                         "folders": [*SPLITS, *folders], "files": files})
     for split_index, split in enumerate(SPLITS):
         for class_index, name in enumerate(CLASSES):
@@ -145,7 +183,11 @@ def make_demo_data(
             for i in range(per_split[split]):
                 rng = np.random.default_rng([_DEMO_TAG, seed, split_index, class_index, i])
                 size = SIZES[int(rng.integers(len(SIZES)))]
-                _save(phantom(rng, name, size), folder / _file_name(name, i), i)
+                pixels, path = phantom(rng, name, size), folder / _file_name(name, i, dicom)
+                if dicom:
+                    save_dicom(pixels, path, i, patient, (seed, split_index, class_index))
+                else:
+                    _save(pixels, path, i)
     return {split: n * len(CLASSES) for split, n in per_split.items()}
 
 

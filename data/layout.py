@@ -17,8 +17,9 @@ from errors import UserInputError
 TRAIN_DIR = "Training"
 TEST_DIR = "Testing"
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm"}
 )
+_DICOM_MAGIC_AT, _DICOM_MAGIC = 128, b"DICM"  # a DICOM file: a 128-byte preamble, then "DICM" (PS3.10 7.1)
 
 
 class DatasetError(UserInputError, ValueError):
@@ -67,9 +68,24 @@ def scan_split(split_dir: Path) -> tuple[dict[str, list[str]], list[str]]:
     for class_dir in _class_dirs(split_dir):
         found = files.setdefault(class_dir.name, [])
         for path in files_under(class_dir):
-            (found if path.suffix.lower() in IMAGE_EXTENSIONS else ignored).append(str(path))
+            (found if is_image_file(path) else ignored).append(str(path))
         ignored += [f"{link}/" for link in symlinked_folders(class_dir)]
     return files, ignored
+
+
+def has_dicom_preamble(path: str | Path) -> bool:
+    """Whether the file's bytes 128..131 are `DICM`: a DICOM file whatever its name (scanners and
+    PACS exports often write them without an extension)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(_DICOM_MAGIC_AT + 4)[_DICOM_MAGIC_AT:] == _DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its extension, or a DICOM file by its preamble."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS or has_dicom_preamble(path)
 
 
 def symlinked_folders(folder: Path) -> list[Path]:
