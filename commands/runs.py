@@ -1,4 +1,4 @@
-"""`evaluate`, `predict`, `gradcam`, `export` and `report`: using a finished run."""
+"""`evaluate`, `predict`, `gradcam`, `export`, `report` and `serve`: using a finished run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from commands.common import (
     out_option,
     user_errors,
 )
+from inference.limits import MIB, Limits
 from training.config import TrainConfig
 from training.metrics import LOW_CONFIDENCE
 from training.options import (
@@ -150,4 +151,27 @@ def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | Non
     click.echo(f"Wrote {target}")
 
 
-COMMANDS = (evaluate, predict, gradcam, export, report,)
+
+@click.command()
+@RUN_DIR
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback makes the page reachable from other machines (no authentication).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@CHECKPOINT
+@click.option("--threshold", default=LOW_CONFIDENCE, show_default=True, type=click.FloatRange(0, 1), help="Flag low_confidence below this top probability, as predict does.")
+@click.option("--max-file-mb", default=Limits.max_file_bytes / MIB, show_default=True, type=click.FloatRange(0, min_open=True), help="Largest upload per file (413 beyond).")
+@click.option("--max-files", default=Limits.max_files, show_default=True, type=click.IntRange(1), help="Most files per request (413 beyond).")
+@click.option("--max-pixels", default=Limits.max_pixels, show_default=True, type=click.IntRange(1), help="Most pixels per image, checked before decoding (422 beyond).")
+@click.option("--max-queue", default=Limits.max_queue, show_default=True, type=click.IntRange(1), help="Images that may wait for the model (503 with Retry-After beyond).")
+@user_errors
+def serve(run_dir: str, host: str, port: int, checkpoint: str, threshold: float, max_file_mb: float, max_files: int,
+          max_pixels: int, max_queue: int) -> None:
+    """A local web page and JSON API over a finished run (upload images, see each class's probability and
+    its Grad-CAM): http://HOST:PORT/, the API at /api/predict and /api/health, its docs at /docs."""
+    from inference.run import load_run
+    from inference.serve import serve as run_server
+
+    limits = Limits(int(max_file_mb * MIB), max_files, max_pixels, max_queue)
+    run_server(load_run(run_dir, checkpoint), host, port, limits, threshold, echo=click.echo)
+
+
+COMMANDS = (evaluate, predict, gradcam, export, report, serve)

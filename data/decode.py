@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from data.dicom import DicomError, is_dicom, read_dicom
+from data.dicom import DicomError, DicomTooLargeError, is_dicom, read_dicom
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
@@ -40,6 +40,10 @@ _ORIENTATIONS = {
 
 class DecodeError(ValueError):
     """An image file could not be read."""
+
+
+class ImageTooLargeError(DecodeError):
+    """An image with more pixels than allowed (Pillow's decompression-bomb limit, or the caller's)."""
 
 
 def _fmt(value: float) -> str:
@@ -153,27 +157,33 @@ def _upright(img: Image.Image) -> tuple[Image.Image, str | None]:
     return upright, f"EXIF orientation {orientation}: {_ORIENTATIONS[orientation]} to upright (as a viewer shows it)"
 
 
-def read_image(path: str, notes: list[str] | None = None, data: bytes | None = None) -> tuple[Image.Image, str]:
+def read_image(path: str, notes: list[str] | None = None, data: bytes | None = None,
+               max_pixels: int | None = None) -> tuple[Image.Image, str]:
     """Opens and decodes an image file at its own size: `(L or RGB image, original mode)`.
 
     An EXIF orientation is applied first. When the image was turned that way, or its pixel
     values had to be rescaled (a float image, or a 16-bit one not using its full range),
     one line saying what was found and done is appended to `notes` for each. `data`: the
     file's bytes, when the caller read them already (to hash them: the file is read once).
-    Raises `DecodeError` with the reason when the file cannot be read.
+    Raises `DecodeError` with the reason when the file cannot be read, `ImageTooLargeError` when
+    it has more than `max_pixels` pixels (default: Pillow's decompression-bomb limit), before
+    its pixels are decoded.
     """
     if (len(data) == 0) if data is not None else (os.path.isfile(path) and os.path.getsize(path) == 0):
         raise DecodeError("empty file (0 bytes)")
     if is_dicom(path, data):
-        return _read_dicom(path, notes, data)
+        return _read_dicom(path, notes, data, max_pixels or Image.MAX_IMAGE_PIXELS)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as img:
             # Refused here, by size, rather than by turning Pillow's warning into an error:
             # `warnings.catch_warnings` is not thread-safe, and the loader decodes in threads.
             pixels = img.size[0] * img.size[1]
+            if max_pixels is not None and pixels > max_pixels:
+                raise ImageTooLargeError(f"refused as too large: {img.size[0]}x{img.size[1]} = {pixels} pixels, "
+                                         f"over the limit of {max_pixels}")
             if pixels > Image.MAX_IMAGE_PIXELS:
-                raise DecodeError(f"refused as a possible decompression bomb: {img.size[0]}x{img.size[1]} = "
-                                  f"{pixels} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
+                raise ImageTooLargeError(f"refused as a possible decompression bomb: {img.size[0]}x{img.size[1]} = "
+                                         f"{pixels} pixels, over Pillow's limit of {Image.MAX_IMAGE_PIXELS}")
             img.load()
             mode = img.mode
             img, turned = _upright(img)
@@ -181,7 +191,7 @@ def read_image(path: str, notes: list[str] | None = None, data: bytes | None = N
     except DecodeError:
         raise
     except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses at open
-        raise DecodeError(f"refused as a possible decompression bomb: {e}") from None
+        raise ImageTooLargeError(f"refused as a possible decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise DecodeError(f"cannot decode: {e}") from None
     return _kept(img, mode, notes, [turned, note])
@@ -196,23 +206,26 @@ def _kept(img: Image.Image, mode: str, notes: list[str] | None, found: list[str 
     return img, mode
 
 
-def _read_dicom(path: str, notes: list[str] | None, data: bytes | None) -> tuple[Image.Image, str]:
+def _read_dicom(path: str, notes: list[str] | None, data: bytes | None, max_pixels: int) -> tuple[Image.Image, str]:
     try:
-        img, mode, found = read_dicom(path, data, Image.MAX_IMAGE_PIXELS)
+        img, mode, found = read_dicom(path, data, max_pixels)
+    except DicomTooLargeError as e:
+        raise ImageTooLargeError(str(e)) from None
     except DicomError as e:
         raise DecodeError(str(e)) from None
     return _kept(img, mode, notes, found)
 
 
-def decode_and_resize(path: str, size: int, notes: list[str] | None = None, data: bytes | None = None) -> np.ndarray:
+def decode_and_resize(path: str, size: int, notes: list[str] | None = None, data: bytes | None = None,
+                      max_pixels: int | None = None) -> np.ndarray:
     """Reads an image file and returns it as a `(size, size, 3)` uint8 RGB array.
 
     Grayscale images are resized in one channel and repeated, which gives the
     same bytes as resizing their RGB conversion. An EXIF orientation applied or a
     rescaling of pixel values is reported in `notes`, as in `read_image`. Raises
-    `DecodeError` with the reason when the file cannot be read.
+    `DecodeError` with the reason when the file cannot be read (`max_pixels`: as in `read_image`).
     """
-    img, _ = read_image(path, notes, data)
+    img, _ = read_image(path, notes, data, max_pixels)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.uint8)

@@ -39,6 +39,10 @@ class DicomError(ValueError):
     """A DICOM file that cannot be shown: the reason, without any header value but decoding's."""
 
 
+class DicomTooLargeError(DicomError):
+    """More pixels than the caller allows."""
+
+
 def is_dicom(path: str, data: bytes | None = None) -> bool:
     """A `.dcm` file, or a file with the DICOM preamble (`DICM` at byte 128) whatever its name.
 
@@ -66,7 +70,7 @@ def read_dicom(path: str, data: bytes | None, max_pixels: int) -> tuple[Image.Im
         raise DicomError("DICOM file without pixel data (e.g. a report or a structured document)")
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows * columns > max_pixels:
-        raise DicomError(f"refused as too large: {columns}x{rows} = {rows * columns} pixels, over the limit of "
+        raise DicomTooLargeError(f"refused as too large: {columns}x{rows} = {rows * columns} pixels, over the limit of "
                          f"{max_pixels}")
     _assume_transfer_syntax(ds)
     frames = int(ds.get("NumberOfFrames") or 1)
