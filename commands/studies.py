@@ -39,7 +39,7 @@ def parity(backends, out, plant, **options) -> None:
     """Check that the backends agree: logits, loss, gradients, one SGD step. Exit 1 on FAIL."""
     import time
 
-    from studies.parity import PLANTS, ParityError, format_parity_table, run_parity
+    from studies.parity import PLANTS, ModelFileError, ParityError, format_parity_table, run_parity
 
     if len(backends) < 2:
         raise UserError("parity needs at least two backends")
@@ -53,10 +53,15 @@ def parity(backends, out, plant, **options) -> None:
     out_dir = Path(out or f"runs/parity-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         report = run_parity(cfg, out_dir, log=lambda m: click.echo(m, err=True))
+    except ModelFileError as e:
+        raise UserError(str(e)) from None
     except ParityError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_parity_table(report))
     click.echo(f"\nlosses: {', '.join(f'{b} {v:.6f}' for b, v in report['losses'].items())}")
+    for pair, agreed in (report["folder_agreement"] or {}).items():
+        click.echo(f"{pair}: the same prediction on {agreed['same_prediction']} of {agreed['images']} images of the "
+                   f"folder, probabilities within {agreed['max_probability_difference']:.2e}")
     click.echo(f"{'PASS' if report['passed'] else 'FAIL'}: {out_dir / 'parity.json'}")
     if not report["passed"]:
         raise SystemExit(1)

@@ -33,7 +33,7 @@ _AUGMENT_TAG = 0x4155
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PREPROCESS_MODES = ("caffe", "imagenet", "caffe-rescaled")
+PREPROCESS_MODES = ("caffe", "imagenet", "caffe-rescaled", "rescale")
 # The augmentation styles, by the names `--augment` takes (which adds "none": no augmentation).
 # standard: torchvision's transforms (crop, flip, rotation); keras-generator: ImageDataGenerator's.
 STANDARD, KERAS_GENERATOR = "standard", "keras-generator"
@@ -217,7 +217,8 @@ def normalize(images: np.ndarray, mode: str) -> np.ndarray:
     `ImageDataGenerator(rescale=1/255, preprocessing_function=resnet50.preprocess_input)
     .standardize`, which runs the function first and rescales after (the study's
     "seed-keras" recipe: inputs of about -0.5 to 0.6, not the range the ImageNet
-    weights saw).
+    weights saw). `rescale`: x/255 only, RGB in 0..1 (`ImageDataGenerator(rescale=1/255)`
+    alone; the input most small models written from scratch expect).
     """
     if mode == "caffe":
         # One pass: uint8 -> float32 and the subtraction fused, same bytes as two steps.
@@ -228,6 +229,8 @@ def normalize(images: np.ndarray, mode: str) -> np.ndarray:
         # weak-scalar rule) and multiplies: not a division by 255, which differs in the last bit.
         x *= np.float32(1 / 255)
         return x
+    if mode == "rescale":
+        return np.multiply(images, np.float32(1 / 255), dtype=np.float32)  # Keras' `x *= 1/255`, as above
     if mode == "imagenet":
         x = np.divide(images, np.float32(255.0), dtype=np.float32)
         x -= IMAGENET_MEAN

@@ -19,6 +19,7 @@ import numpy as np
 
 from data.augment import PREPROCESS_MODES
 from data.markdown import markdown_table
+from errors import UserInputError
 from model.spec import MODELS
 from training.config import TrainConfig
 from training.options import PositiveFloat, option
@@ -72,6 +73,21 @@ class ParityError(RuntimeError):
     """A backend's worker could not compute its results."""
 
 
+class ModelFileError(UserInputError):
+    """A `--model-file` that a backend cannot load or that parity cannot feed: one line per backend."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """What a model file declares: its square input side, channels, classes, and whether its
+    outputs are probabilities (a final softmax) rather than logits."""
+
+    size: int
+    channels: int
+    classes: int
+    from_logits: bool
+
+
 @dataclasses.dataclass
 class ParityConfig:
     """What one parity check computes: which model, input and precision (the `parity`
@@ -89,6 +105,10 @@ class ParityConfig:
     preprocess: str = option(TrainConfig.preprocess, type=click.Choice(PREPROCESS_MODES), group=CHECK)
     learning_rate: float = option(0.01, "Learning rate of the one SGD step.", type=PositiveFloat(), flag="--lr", group=CHECK)
     seed: int = option(TrainConfig.seed, type=int, group=CHECK)
+    model_file: str | None = option(None, "Check your own Keras 3 image classifier (.keras) instead of --model: "
+                                    "its weights, its declared input size (square; 1 or 3 channels) and classes; "
+                                    "its predictions on every image of --data-dir are compared too.",
+                                    type=click.Path(exists=True, dir_okay=False), group=CHECK)
     plant: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -107,6 +127,30 @@ def parity_batch(cfg: ParityConfig, preprocess: str) -> tuple[np.ndarray, np.nda
     ))
     images, labels = batches.batch(0, 0)
     return images, labels, pipeline_hash(batches, 0, 1)
+
+
+def load_model_file(path: str):
+    """A user's `.keras` classifier, loaded with safe_mode, and what it declares; its dropout off
+    (its masks would come from each backend's own RNG). Raises `ModelFileError` in one line."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # unknown custom layers, Lambda under safe_mode, a damaged file: many types
+        # Keras wraps the cause in a page about deserialization: the cause is what a reader needs.
+        reason = " ".join(str(e).split()).rsplit("Exception encountered: ", 1)[-1][:300] or type(e).__name__
+        raise ModelFileError(f"the {backend} backend cannot load {path}: {reason}") from None
+    shape, out = tuple(model.input_shape), tuple(model.output_shape)
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] not in (1, 3) or len(out) != 2:
+        raise ModelFileError(f"{path}: parity checks image classifiers with a square input of 1 or 3 channels "
+                             f"and one output of class scores; this model declares input {shape}, output {out}")
+    for layer in model._flatten_layers(include_self=False):
+        if "Dropout" in type(layer).__name__ and hasattr(layer, "rate"):
+            layer.rate = 0.0
+    last = getattr(model.layers[-1], "activation", None)
+    softmax = last is keras.activations.softmax or getattr(last, "__name__", "") == "softmax"
+    return model, ModelInput(int(shape[1]), int(shape[3]), int(out[1]), from_logits=not softmax)
 
 
 def build_parity_model(cfg: ParityConfig, num_classes: int):
@@ -133,13 +177,13 @@ def _load(model, weights_path: Path, plant: str | None) -> None:
         first.assign(value)
 
 
-def _forward_backward(model, images, labels) -> dict[str, np.ndarray]:
+def _forward_backward(model, images, labels, from_logits: bool = True) -> dict[str, np.ndarray]:
     import keras
 
     from backend.gradients import loss_and_gradients
 
     results = {"inference logits": _numpy(model(images, training=False))}
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     logits, loss, grads = loss_and_gradients(model, images, labels, loss_fn)
     results["training logits"] = _numpy(logits)
     results["loss"] = _numpy(loss)
@@ -157,34 +201,86 @@ def run_worker(cfg: ParityConfig, weights_path: Path, out_path: Path) -> None:
     """
     import keras
 
-    backend = keras.backend.backend()
-    plant = cfg.plant.get(backend)
-    images, labels, digest = parity_batch(cfg, _other(cfg.preprocess) if plant == "preprocess" else cfg.preprocess)
-
     from backend.determinism import set_random_seed
 
-    set_random_seed(cfg.seed)
-    model = build_parity_model(cfg, num_classes=4)  # in cfg.precision (build_model sets the policy)
-    if not weights_path.exists():  # The first backend builds the one weights file.
+    backend = keras.backend.backend()
+    plant = cfg.plant.get(backend)
+    declared = None
+    if cfg.model_file:
+        model, declared = load_model_file(cfg.model_file)
+        cfg = dataclasses.replace(cfg, image_size=declared.size)
+    images, labels, digest = parity_batch(cfg, _other(cfg.preprocess) if plant == "preprocess" else cfg.preprocess)
+    if declared is None:
+        set_random_seed(cfg.seed)
+        model = build_parity_model(cfg, num_classes=4)  # in cfg.precision (build_model sets the policy)
+    else:
+        images, labels = _fit_channels(images, declared.channels), labels % declared.classes
+    if not weights_path.exists():  # The first backend writes the one weights file.
         model.save_weights(weights_path)
+    from_logits = declared is None or declared.from_logits
 
     _load(model, weights_path, plant)
     nudged = _nudge(images, cfg.precision)
-    noise = _forward_backward(model, nudged, labels)
+    noise = _forward_backward(model, nudged, labels, from_logits)
     noise.pop("_grads")
 
     _load(model, weights_path, plant)  # Undo the BatchNormalization updates of that pass.
-    results = _forward_backward(model, images, labels)
+    if declared is not None:  # the file's model on every image of the folder, before the SGD step
+        results_on_folder = _folder_outputs(model, cfg, declared)
+    results = _forward_backward(model, images, labels, from_logits)
     grads = results.pop("_grads")
     keras.optimizers.SGD(cfg.learning_rate).apply(grads, model.trainable_variables)
     for variable in model.weights:
         results[f"weights after SGD step/{variable.path}"] = _numpy(variable.value)
     results.update({f"noise/{k}": v for k, v in noise.items()})
+    if declared is not None:
+        results.update(results_on_folder)
     from backend.selection import environment
 
     env = environment()
     about = {"versions": env["versions"], "devices": env["devices"], "processor": env["processor"]}
     np.savez(out_path, batch_sha256=np.array(digest), environment=np.array(json.dumps(about)), **results)
+
+
+def _fit_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """The RGB batch for a model of `channels`: a one-channel model gets the channels' mean
+    (the grayscale image itself when R = G = B)."""
+    return images if channels == 3 else images.mean(axis=-1, keepdims=True, dtype=np.float32)
+
+
+def _folder_outputs(model, cfg: ParityConfig, declared: ModelInput) -> dict[str, np.ndarray]:
+    """The model's outputs (inference mode) on every image of `cfg.data_dir`, unaugmented."""
+    from data.augment import normalize
+    from data.decode import DecodeError, decode_and_resize
+    from data.fingerprint import dataset_files, relative
+
+    paths, outputs = [], []
+    for path in dataset_files(cfg.data_dir):
+        try:
+            image = decode_and_resize(path, declared.size)
+        except DecodeError:
+            continue  # unreadable for every backend alike
+        paths.append(relative(path, cfg.data_dir))
+        outputs.append(image)
+    chunks = [_numpy(model(_fit_channels(normalize(np.stack(outputs[i:i + 32]), cfg.preprocess), declared.channels),
+                           training=False)) for i in range(0, len(outputs), 32)]
+    scores = np.concatenate(chunks)
+    return {"folder/paths": np.array(paths, dtype=str),
+            "folder/probabilities": scores if not declared.from_logits else _softmax(scores)}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+
+def folder_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
+    """How two backends' predictions on the folder agree: same top class, largest probability gap."""
+    if list(a["folder/paths"]) != list(b["folder/paths"]):
+        raise ParityError("the backends read different images of the folder")
+    pa, pb = a["folder/probabilities"], b["folder/probabilities"]
+    return {"images": len(pa), "same_prediction": int((pa.argmax(1) == pb.argmax(1)).sum()),
+            "max_probability_difference": float(np.abs(pa - pb).max()) if len(pa) else 0.0}
 
 
 def _nudge(images: np.ndarray, precision: str) -> np.ndarray:
@@ -297,8 +393,14 @@ def run_parity(cfg: ParityConfig, out_dir: Path, log=print) -> dict:
         f"{a} vs {b}": compare_pair(results[a], results[b], cfg.precision)
         for a, b in itertools.combinations(cfg.backends, 2)
     }
+    agreement = {f"{a} vs {b}": folder_agreement(results[a], results[b])
+                 for a, b in itertools.combinations(cfg.backends, 2)} if cfg.model_file else None
+    for r in results.values():
+        for key in ("folder/paths", "folder/probabilities"):
+            r.pop(key, None)
     report = {
         "config": dataclasses.asdict(cfg) | {"data_dir": data_source},
+        "folder_agreement": agreement,
         "weights_file": str(weights),
         "environments": {b: json.loads(str(r.pop("environment"))) for b, r in results.items()},
         "losses": {b: float(r["loss"]) for b, r in results.items()},
@@ -314,6 +416,9 @@ def _run_worker_process(backend: str, spec: Path, weights: Path, out: Path) -> N
     from studies.processes import in_process
 
     result = in_process(backend, "parity", str(spec), str(weights), str(out), capture=True)
+    lines = result.stderr.strip().splitlines()
+    if result.returncode == 2 and lines and lines[-1].startswith("error: "):  # the model file, refused
+        raise ModelFileError(lines[-1].removeprefix("error: "))
     if result.returncode != 0:
         raise ParityError(f"the {backend} parity worker failed (exit {result.returncode}):\n"
                            f"{result.stderr[-3000:]}")

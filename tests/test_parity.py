@@ -182,3 +182,79 @@ def test_parity_catches_a_planted_difference(tmp_path, runs_in, backends, plant,
     if "weight" in plant:
         assert "batch bytes (sha256)" not in failed  # the model differs, not the input
     assert "FAIL" in result.stdout
+
+
+# --- parity --model-file: anyone's Keras 3 classifier ------------------------------------
+
+
+def small_cnn(path) -> str:
+    """A small MNIST-style CNN of the kind in keras-team/keras#20713: 28x28x1, two conv blocks,
+    dropout, a softmax over 10 classes; saved under the active backend, loaded under each."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(),
+        layers.Flatten(), layers.Dropout(0.5), layers.Dense(10, activation="softmax"),
+    ])
+    model.save(path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "tensorflow", reason="spawns every backend; runs once, in the tensorflow pass")
+def test_parity_checks_a_users_model_file_and_fails_on_a_planted_weight(tmp_path):
+    model_file = small_cnn(tmp_path / "small_cnn.keras")
+    result, report = run_parity(tmp_path, "--model-file", model_file, "--preprocess", "rescale",
+                                "--backends", "torch,tensorflow,jax")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert report["passed"] and (tmp_path / "parity" / "parity.md").read_text().count("| PASS |") == 18
+    for rows in report["pairs"].values():
+        assert 0 <= rows_by_quantity(rows)["inference logits"]["max_rel"] < 1e-5
+    for agreed in report["folder_agreement"].values():  # every image of the generated folder (20)
+        assert agreed["same_prediction"] == agreed["images"] == 20
+        assert agreed["max_probability_difference"] < 1e-5
+    assert "the same prediction on 20 of 20 images" in result.stdout
+    planted, planted_report = run_parity(tmp_path / "planted", "--model-file", model_file, "--preprocess", "rescale",
+                                         "--backends", "torch,jax", "--plant", "jax:weight")
+    assert planted.returncode == 1 and "FAIL" in planted.stdout
+    (rows,) = planted_report["pairs"].values()
+    assert {"weights after SGD step"} <= {row["quantity"] for row in rows if row["passed"] is False}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "jax", reason="spawns two backends; runs once, in the jax pass")
+def test_parity_checks_a_keras_application_without_weights(tmp_path):
+    import keras
+
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=4,
+                                                classifier_activation=None, include_preprocessing=False)
+    model.save(tmp_path / "mobilenet.keras")
+    result, report = run_parity(tmp_path, "--model-file", str(tmp_path / "mobilenet.keras"), "--preprocess",
+                                "imagenet", "--backends", "torch,jax")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert report["passed"] and report["folder_agreement"]["torch vs jax"]["images"] == 20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(active_backend() != "torch", reason="spawns a backend per model; runs once, in the torch pass")
+def test_a_model_file_a_backend_cannot_load_is_refused_in_one_line(tmp_path):
+    import keras
+
+    class Unregistered(keras.layers.Layer):  # a custom layer its file cannot name to another process
+        def call(self, x):
+            return x * 2.0
+
+    inputs = keras.Input((32, 32, 3))
+    outputs = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(Unregistered()(inputs)))
+    keras.Model(inputs, outputs).save(tmp_path / "custom.keras")
+    lambda_outputs = keras.layers.Dense(4)(keras.layers.Flatten()(keras.layers.Lambda(lambda x: x * 2.0)(inputs)))
+    keras.Model(inputs, lambda_outputs).save(tmp_path / "lambda.keras")
+    for name, reason in (("custom.keras", "Could not locate class 'Unregistered'"), ("lambda.keras", "safe_mode")):
+        result, _ = run_parity(tmp_path / f"out-{name}", "--model-file", str(tmp_path / name), "--backends", "torch,jax")
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+        assert lines[0].startswith(f"error: the torch backend cannot load {tmp_path / name}: ") and reason in lines[0]

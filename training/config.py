@@ -52,7 +52,8 @@ class TrainConfig:
     image_size: int = option(IMAGE_SIZE, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
     batch_size: int = option(BATCH_SIZE, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
-                             "imagenet: x/255 then mean/std (torchvision).", type=click.Choice(PREPROCESS_MODES),
+                             "imagenet: x/255 then mean/std (torchvision); caffe-rescaled: caffe then x/255 "
+                             "(seed-keras); rescale: x/255 only.", type=click.Choice(PREPROCESS_MODES),
                              group=DATA)
     val_split: float = option(VAL_SPLIT, "Stratified fraction of Training used for validation.",
                               type=click.FloatRange(0, 1, max_open=True), group=DATA)
