@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,26 @@ from data.demo import make_demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("torch", "tensorflow", "jax")
+# The smallest model the command line builds: ResNet50 cut after conv3 (its first 7 residual
+# blocks) and one 16-filter head block, a 37 MB run folder against ResNet50's 540 MB. Tests of
+# a run's machinery (resume, signals, locks, options, bad inputs) train it; the tests of the
+# models themselves, and one run per backend (test_cli), train the full ResNet50.
+SMALL_MODEL = {"model": "hybrid", "cut": "conv3", "head_blocks": 1, "head_filters": 16}
+SMALL_MODEL_FLAGS = [item for k, v in SMALL_MODEL.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+
+# JAX compiles every new model's steps with XLA, which is most of a jax pass's time; its
+# persistent cache lets a test (and the subprocesses it starts, which inherit the environment)
+# reuse what another compiled for the same computation. It returns the same executable, so the
+# results are the same bits (checked: a cached and an uncached run end with identical weights).
+# One folder per session, removed at its end: nothing is carried between `make test` runs.
+_JAX_CACHE = tempfile.mkdtemp(prefix="jax-compilation-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def active_backend() -> str:

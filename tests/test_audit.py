@@ -12,7 +12,7 @@ from PIL import Image
 from data.audit import audit_dataset, deduplicate, fingerprint, hamming_pairs, perceptual_hash
 from data.demo import _ellipse, _smooth_noise
 from data.discovery import make_splits
-from tests.conftest import active_backend
+from tests.conftest import SMALL_MODEL_FLAGS, active_backend
 from tests.test_cli import error_lines, run_cli
 
 
@@ -154,7 +154,7 @@ def test_train_with_dedup_reports_the_test_images_without_a_twin(planted, tmp_pa
     root, twins = planted
     out = tmp_path / "run"
     result = run_cli("train", "--data-dir", str(root), "--dedup", "--image-size", "32", "--batch-size", "16",
-                     "--epochs", "1", "--weights", "none", "--out", str(out), "--verbose", "0")
+                     "--epochs", "1", "--weights", "none", "--out", str(out), "--verbose", "0", *SMALL_MODEL_FLAGS)
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["count"] == 17 and metrics["test_leakage_free"]["count"] == 16

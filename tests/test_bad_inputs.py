@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from checksums import file_sha256
-from tests.conftest import ROOT, active_backend, cli_env
+from tests.conftest import ROOT, SMALL_MODEL_FLAGS, active_backend, cli_env
 from tests.test_cli import error_lines, run_cli
 
 RNG = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def messy_data(tmp_path_factory, demo_dir):
 def test_bad_files_are_skipped_and_reported_and_the_rest_train(messy_data, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("train", "--data-dir", str(messy_data), "--image-size", "32", "--batch-size", "8",
-                     "--epochs", "1", "--weights", "none", "--out", str(run_dir), "--verbose", "0")
+                     "--epochs", "1", "--weights", "none", "--out", str(run_dir), "--verbose", "0", *SMALL_MODEL_FLAGS)
     assert result.exit_code == 0, result.output
     skipped = dict(line.split("\t", 1) for line in (run_dir / "skipped.txt").read_text().splitlines())
     folder = messy_data / "Training" / "glioma"
@@ -172,7 +172,7 @@ def test_a_training_run_under_torch_or_jax_never_imports_tensorflow(demo_dir, tm
               "print('tensorflow imported:', 'tensorflow' in sys.modules)")
     result = subprocess.run(
         [sys.executable, "-c", script, "train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "1",
-         "--weights", "none", "--out", str(tmp_path / "run"), "--verbose", "0"],
+         "--weights", "none", "--out", str(tmp_path / "run"), "--verbose", "0", *SMALL_MODEL_FLAGS],
         capture_output=True, text=True, env=cli_env(active_backend()), cwd=ROOT, timeout=600)
     assert (tmp_path / "run" / "metrics.json").exists(), result.stderr[-2000:]
     assert "tensorflow imported: False" in result.stdout

@@ -12,7 +12,7 @@ import pytest
 from backend.devices import is_out_of_memory
 from backend.selection import framework_environment
 from data.demo import make_demo_data
-from tests.conftest import ROOT, active_backend
+from tests.conftest import ROOT, SMALL_MODEL_FLAGS, active_backend
 from tests.test_cli import run_cli
 from training.callbacks import EpochTimer
 from training.rundir import checkpoint_state
@@ -67,7 +67,7 @@ def test_out_of_memory_stops_the_run_in_one_line_with_the_checkpoint_intact(tmp_
     monkeypatch.setattr(EpochTimer, "on_epoch_begin", out_of_memory_in_the_second_epoch)
     result = run_cli("train", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "4",
                      "--weights", "none", "--val-split", "0", "--epochs", "2", "--verbose", "0",
-                     "--out", str(run_dir))
+                     "--out", str(run_dir), *SMALL_MODEL_FLAGS)
     assert result.exit_code == 1, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output

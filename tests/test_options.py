@@ -15,7 +15,7 @@ from commands.data import pipeline_hash_command
 from commands.studies import compare
 from commands.training import hybrid, init_weights, train
 from data.augment import AugmentConfig
-from tests.conftest import active_backend
+from tests.conftest import SMALL_MODEL_FLAGS, active_backend
 from tests.test_cli import run_subprocess
 from training.config import HYBRID_RECIPE, TrainConfig
 from training.options import cli_fields, command_defaults
@@ -111,7 +111,8 @@ def test_config_file_of_a_run_retrains_the_same_run(demo_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     result = run_subprocess("train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8",
                             "--epochs", "1", "--weights", "none", "--crop-scale", "0.5,1", "--rotate-degrees", "5",
-                            "--deterministic", "--keep-checkpoints", "none", "--out", str(first), "--verbose", "0")
+                            "--deterministic", "--keep-checkpoints", "none", "--out", str(first), "--verbose", "0",
+                            *SMALL_MODEL_FLAGS)
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_subprocess("train", "--config", str(first / "config.json"), "--out", str(second))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,7 +139,8 @@ def _optimizer_groups(h5_file) -> list[str]:
 def test_keep_checkpoints_all_keeps_what_resumes_and_no_file_repeats_the_optimizer(demo_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = _train("--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-                    "--weights", "none", "--keep-checkpoints", "all", "--out", str(run_dir), "--verbose", "0")
+                    "--weights", "none", "--keep-checkpoints", "all", "--out", str(run_dir), "--verbose", "0",
+                    *SMALL_MODEL_FLAGS)
     assert result.exit_code == 0, result.output
     with h5py.File(run_dir / "last.weights.h5", "r") as f:
         assert _optimizer_groups(f)  # a resume needs Adam's moments

@@ -17,7 +17,7 @@ import pytest
 
 from data.demo import make_demo_data
 from studies.compare import _resumable, train_args
-from tests.conftest import ROOT, active_backend, cli_env
+from tests.conftest import ROOT, SMALL_MODEL_FLAGS, active_backend, cli_env
 from tests.test_cli import run_cli
 from tests.test_compare import cli, final_weights, h5_arrays
 from training.rundir import atomic_write, checkpoint_state
@@ -26,9 +26,10 @@ from training.rundir import atomic_write, checkpoint_state
 def _train_args(demo_dir, command: str = "train") -> list[str]:
     args = [command, "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "4", "--weights", "none",
             "--workers", "2", "--val-split", "0", "--deterministic", "--keep-checkpoints", "all", "--verbose", "0"]
-    if command == "hybrid":
-        return [*args, "--head-epochs", "1", "--finetune-epochs", "1", "--head-filters", "16"]
-    return [*args, "--epochs", "2"]
+    if command == "hybrid":  # its own defaults but the smallest cut and head
+        return [*args, "--head-epochs", "1", "--finetune-epochs", "1", "--cut", "conv3", "--head-blocks", "1",
+                "--head-filters", "16"]
+    return [*args, "--epochs", "2", *SMALL_MODEL_FLAGS]
 
 
 # The child sends itself SIGTERM at a known step, so no timing decides where it stops: when
@@ -85,7 +86,7 @@ def test_a_stopped_run_resumes_to_the_same_weights_bit_for_bit(command, demo_dir
 
     # model.keras: the model's weights; last.weights.h5: those and Adam's moments and step count.
     model_tensors = len(final_weights(whole))
-    for first, second, at_least in ((final_weights(whole), final_weights(cut), 250),
+    for first, second, at_least in ((final_weights(whole), final_weights(cut), 100),
                                     (h5_arrays(whole / "last.weights.h5"), h5_arrays(cut / "last.weights.h5"),
                                      model_tensors + 20)):
         assert first.keys() == second.keys() and len(first) > at_least
@@ -118,7 +119,8 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     make_demo_data(tmp_path / "data", train_per_class=3, test_per_class=1)
     run_dir = tmp_path / "run"
     args = ["train", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--batch-size", "4",
-            "--weights", "none", "--val-split", "0", "--epochs", "2", "--verbose", "0", "--out", str(run_dir)]
+            "--weights", "none", "--val-split", "0", "--epochs", "2", "--verbose", "0", "--out", str(run_dir),
+            *SMALL_MODEL_FLAGS]
     save_weights = keras.saving.save_weights  # what every checkpoint goes through
     checkpoints = []
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from tests.conftest import SMALL_MODEL_FLAGS
 from training.rundir import check_run_files
 
 
@@ -47,7 +48,7 @@ def test_overwrite_replaces_the_old_run_whole(demo_dir, tmp_path):
     for name in ("metrics.json", "last.weights.h5", "eval-test-torch.json", "export/model.onnx"):
         (out / name).write_text("from the run before")
     result = run_cli("train", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-                     "--weights", "none", "--out", str(out), "--overwrite", "--verbose", "0")
+                     "--weights", "none", "--out", str(out), "--overwrite", "--verbose", "0", *SMALL_MODEL_FLAGS)
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
         "config.json", "history.csv", "initial.weights.h5", "model.keras", "best.weights.h5", ".lock",

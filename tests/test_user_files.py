@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, active_backend, cli_env
+from conftest import ROOT, SMALL_MODEL_FLAGS, active_backend, cli_env
 from test_bad_inputs import TF_STARTUP_LINES
 
 from cli import cli
@@ -39,7 +39,7 @@ from training.rundir import (
     write_csv,
 )
 
-TINY = ["--image-size", "32", "--batch-size", "8", "--weights", "none", "--verbose", "0"]
+TINY = ["--image-size", "32", "--batch-size", "8", "--weights", "none", "--verbose", "0", *SMALL_MODEL_FLAGS]
 
 
 def tree_hash(root: Path) -> dict[str, str]:
@@ -178,6 +178,9 @@ def test_the_fingerprint_names_what_differs(demo_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("apart", [0.0, 1.5])
 def test_two_runs_into_one_folder_one_runs_and_the_other_names_the_holder(demo_dir, tmp_path, apart):
+    if apart and active_backend() != "torch":
+        pytest.skip("the lock is the same code on every backend: the staggered start runs in the torch pass, "
+                    "the simultaneous one in every pass")
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(demo_dir), "--out", str(out), "--epochs", "1", *TINY]
     first = cli_process(*args)
@@ -216,6 +219,8 @@ def test_a_lock_held_by_a_live_process_refuses_and_a_dead_one_is_taken_over(tmp_
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_run_keeps_the_last_epoch_and_resume_runs_each_epoch_once(demo_dir, tmp_path, signum):
+    if signum == signal.SIGINT and active_backend() != "torch":
+        pytest.skip("both signals take one handler: SIGTERM stops a run on every backend, SIGINT in the torch pass")
     out = tmp_path / "run"
     process = cli_process("train", "--data-dir", str(demo_dir), "--out", str(out), "--epochs", "3",
                           *TINY, "--batch-size", "4")
