@@ -88,6 +88,18 @@ def test_tolerance_grows_with_the_measured_noise_floor():
     assert row["passed"] is True
 
 
+def test_the_noise_floor_pools_every_backend_of_the_run():
+    """A pair whose own one-ulp samples came out small is judged by the largest sample of the run:
+    the amplification is the model's and the batch's, each backend's nudge one sample of it."""
+    a = fake_result(np.random.default_rng(0))
+    b = perturbed(a, "training logits", relative=3e-4)
+    third = dict(a)
+    third["noise/training logits"] = a["training logits"] + np.float32(1e-4) * np.linalg.norm(a["training logits"]) / 4
+    assert rows_by_quantity(compare_pair(a, b, "float32"))["training logits"]["passed"] is False
+    row = rows_by_quantity(compare_pair(a, b, "float32", pool=[a, b, third]))["training logits"]
+    assert row["noise_floor"] == pytest.approx(1e-4, rel=0.2) and row["passed"] is True
+
+
 def test_a_quantity_drowned_in_noise_is_neither_pass_nor_fail():
     a = fake_result(np.random.default_rng(0))
     a["noise/loss"] = a["loss"] * np.float32(1.5)

@@ -149,7 +149,7 @@ def test_a_full_disk_stops_the_run_with_its_checkpoint_intact_and_resume_finishe
     assert result.exit_code == 0, result.output
     assert [r["epoch"] for r in _history(run_dir)] == ["0", "1"]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-    assert keras.saving.load_model(run_dir / "model.keras").count_params() > 20_000_000
+    assert keras.saving.load_model(run_dir / "model.keras").count_params() > 1_000_000  # the whole (small) model
 
 
 def test_a_run_stopped_after_its_last_epoch_resumes_to_the_end_and_restores_a_missing_best(trained_run, tmp_path):

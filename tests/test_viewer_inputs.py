@@ -180,10 +180,10 @@ def test_a_symlinked_folder_and_non_image_files_are_named_in_a_note(tmp_path, mo
     make_layout(tmp_path / "elsewhere", {"x": {"y": 1}}, size=16)
     os.symlink(tmp_path / "elsewhere" / "x" / "y", root / "Training" / "a" / "linked")
     (root / "Training" / "a" / "notes.txt").write_text("n")
-    (root / "Training" / "b" / "scan.dcm").write_bytes(b"d")
+    (root / "Training" / "b" / "scan.nii").write_bytes(b"d")
     notes = check_splits(TrainConfig(data_dir=str(root), image_size=32), make_splits(root, val_split=0.0))
     assert notes == ["ignored 1 symlinked folder (not followed): Training/a/linked/; "
-                     "2 non-image files: Training/a/notes.txt, Training/b/scan.dcm"]
+                     "2 non-image files: Training/a/notes.txt, Training/b/scan.nii"]
 
 
 def test_a_long_list_of_ignored_files_names_the_first_three(monkeypatch):
