@@ -246,9 +246,9 @@ def test_parity_checks_a_keras_application_without_weights(tmp_path):
                                                 classifier_activation=None, include_preprocessing=False)
     model.save(tmp_path / "mobilenet.keras")
     result, report = run_parity(tmp_path, "--model-file", str(tmp_path / "mobilenet.keras"), "--preprocess",
-                                "imagenet", "--backends", "torch,jax")
+                                "imagenet", "--backends", "torch,tensorflow")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert report["passed"] and report["folder_agreement"]["torch vs jax"]["images"] == 20
+    assert report["passed"] and report["folder_agreement"]["torch vs tensorflow"]["images"] == 20
 
 
 @pytest.mark.slow
