@@ -316,8 +316,7 @@ def test_hybrid_command_trains_two_phases_and_writes_every_run_file(demo_dir, tm
 def test_hybrid_run_that_diverges_exits_1_and_keeps_the_phase_1_weights(demo_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = cli("hybrid", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8",
-                 "--head-epochs", "1", "--finetune-epochs", "2", "--finetune-lr", "1e30", "--cut", "conv3",
-                 "--head-blocks", "1", "--head-filters", "16",
+                 "--head-epochs", "1", "--finetune-epochs", "2", "--finetune-lr", "1e30", "--head-filters", "16",
                  "--weights", "none", "--out", str(run_dir), "--verbose", "0")
     assert result.returncode == 1
     message = result.stderr.strip().splitlines()[-1]
