@@ -253,6 +253,7 @@ def _folder_outputs(model, cfg: ParityConfig, declared: ModelInput) -> dict[str,
     from data.augment import normalize
     from data.decode import DecodeError, decode_and_resize
     from data.fingerprint import dataset_files, relative
+    from training.metrics import softmax
 
     paths, outputs = [], []
     for path in dataset_files(cfg.data_dir):
@@ -266,12 +267,7 @@ def _folder_outputs(model, cfg: ParityConfig, declared: ModelInput) -> dict[str,
                            training=False)) for i in range(0, len(outputs), 32)]
     scores = np.concatenate(chunks)
     return {"folder/paths": np.array(paths, dtype=str),
-            "folder/probabilities": scores if not declared.from_logits else _softmax(scores)}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+            "folder/probabilities": scores if not declared.from_logits else softmax(scores)}
 
 
 def folder_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
