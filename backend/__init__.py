@@ -10,6 +10,6 @@
 - `parallel`: data parallelism through each framework's own engine (`--devices N`).
 - `distribute`: what data parallelism means for the batches and callbacks, whatever the engine.
 
-May import: `data`, `model`, `errors`, `checksums`. Never the training core, studies, runs or the command line.
+May import: `data`, `model`, `errors`, `checksums`, `markdown_tables`. Never the training core, studies, runs or the command line.
 Every module but `distribute` imports no framework at module level.
 """

@@ -1,6 +1,6 @@
 """Benchmarks: `train` (steady-state training speed and memory through the pipeline, from memory,
 and native torchvision) and `pipeline` (the input pipeline against a tf.data baseline).
 
-May import: `training`, `backend`, `data`, `model`, `errors`, `checksums`; never `studies`, `inference` or
+May import: `training`, `backend`, `data`, `model`, `errors`, `checksums`, `markdown_tables`; never `studies`, `inference` or
 the command line.
 """

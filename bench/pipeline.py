@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from backend.devices import peak_memory_mb  # stdlib only: no framework in this parent
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 
 
 def _timed_epochs(iterate_epoch, epochs: int) -> list[dict]:

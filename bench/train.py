@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 from training.config import TrainConfig
 
 KERAS_FIT, KERAS_STEP, TORCHVISION = "keras-fit", "keras-step", "torchvision"

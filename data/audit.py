@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from data.decode import DecodeError, read_image
 from data.defaults import WORKERS
 from data.layout import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 
 # Chosen from measurements on the real images (see the README, "Auditing a dataset").
 DEFAULT_MAX_DISTANCE = 10

@@ -12,8 +12,8 @@ import numpy as np
 from data.defaults import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example
 from data.loader import MRIBatches, scan_examples
-from data.markdown import markdown_table
 from inference.run import TrainedRun
+from markdown_tables import markdown_table
 from training.metrics import classification_report, softmax
 from training.rundir import write_json
 

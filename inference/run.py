@@ -16,7 +16,7 @@ from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
 from data.defaults import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 from training.metrics import LOW_CONFIDENCE, softmax
 from training.resume import check_run_data, recorded_data_dir
 from training.rundir import (

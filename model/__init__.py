@@ -4,7 +4,7 @@ on Keras' ResNet50 (v1) or torchvision's (v1.5) backbone (`model.resnet`).
 `model.weights`, `model.spec` and `model.factory` do not import Keras, so options can be
 checked before a backend loads; the builders are imported on first use for the same reason.
 
-May import: `errors`, `checksums`; never `data` or any package above.
+May import: `errors`, `checksums`, `markdown_tables`; never `data` or any package above.
 """
 
 from model.factory import build_model

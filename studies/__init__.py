@@ -3,6 +3,6 @@
 on every backend) and `stats` (intervals, McNemar, the bootstrap). Each run goes to a process
 of its own backend through `processes.in_process`, which starts `worker` (never the command line).
 
-May import: `training`, `inference`, `backend`, `data`, `model`, `errors`, `checksums`; never the command line
+May import: `training`, `inference`, `backend`, `data`, `model`, `errors`, `checksums`, `markdown_tables`; never the command line
 or `bench`.
 """

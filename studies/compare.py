@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 from model.weights import resolve_arch
 from studies import stats
 from studies.processes import command, in_process

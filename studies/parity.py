@@ -18,8 +18,8 @@ import click
 import numpy as np
 
 from data.augment import PREPROCESS_MODES
-from data.markdown import markdown_table
 from errors import UserInputError
+from markdown_tables import markdown_table
 from model.spec import MODELS
 from training.config import TrainConfig
 from training.options import PositiveFloat, option

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 from studies import stats
 from studies.compare import (
     Run,

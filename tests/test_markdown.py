@@ -1,6 +1,6 @@
 import pytest
 
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 
 
 def test_header_rule_and_rows_with_alignment():

@@ -162,7 +162,7 @@ def test_keep_checkpoints_all_keeps_what_resumes_and_no_file_repeats_the_optimiz
 
 def test_the_options_reference_is_generated_from_the_cli():
     """docs/options.md is what scripts/options-doc writes from these declarations."""
-    from data.markdown import markdown_table
+    from markdown_tables import markdown_table
     from tests.conftest import ROOT
     from training.options import options_reference
 

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 PACKAGES = ("data", "model", "backend", "training", "studies", "inference", "bench", "commands")
 # A package may import a package of a lower layer, never one of its own layer or above.
 LAYERS = {"cli": 5, "commands": 4, "studies": 3, "inference": 3, "bench": 3, "training": 2, "backend": 1, "data": 0, "model": 0,
-          "errors": -1, "checksums": -1}
+          "errors": -1, "checksums": -1, "markdown_tables": -1}
 
 
 def project_imports() -> dict[str, set[str]]:
@@ -44,7 +44,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_packages_import_only_downwards():
-    assert set(LAYERS) - {"cli", "errors", "checksums"} == set(PACKAGES)
+    assert set(LAYERS) - {"cli", "errors", "checksums", "markdown_tables"} == set(PACKAGES)
     assert upward_imports(project_imports()) == []
 
 
@@ -73,7 +73,7 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("module", ["cli", "model", "model.spec", "model.factory", "model.weights", "data.markdown",
+@pytest.mark.parametrize("module", ["cli", "model", "model.spec", "model.factory", "model.weights", "markdown_tables",
                                     "training.config", "training.resume", "training.rundir", "backend.selection"])
 def test_option_checking_modules_import_no_keras(module):
     """`cli` covers every module the command line imports before a backend loads (a framework
@@ -84,4 +84,4 @@ def test_option_checking_modules_import_no_keras(module):
 
 
 def test_the_table_helper_imports_nothing_of_the_project():
-    assert not project_imports()["data.markdown"]
+    assert not project_imports()["markdown_tables"]

@@ -3,7 +3,7 @@
 Options and their checks (`options`, `config`, `recipes`), the loop (`train`, `schedule`,
 `losses`, `callbacks`, `stability`, `metrics`) and the run directory (`rundir`, `resume`).
 
-May import: `backend`, `data`, `model`, `errors`, `checksums`. Never `studies`, `inference`, `bench` or the
+May import: `backend`, `data`, `model`, `errors`, `checksums`, `markdown_tables`. Never `studies`, `inference`, `bench` or the
 command line. `options`, `config`, `recipes`, `rundir` and `resume` import no framework: the
 command line checks a run with them before a backend loads.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.markdown import markdown_table
+from markdown_tables import markdown_table
 
 # `predict` flags a prediction whose top probability is below this (--threshold): a classifier
 # answers even for an image that is not a brain MRI.

@@ -1,7 +1,7 @@
 """Markdown tables: the one way the project writes them (run reports, audit, CLI output).
 
-It imports nothing of the project, so both `data/` and the packages above it use it without an import
-cycle; it sits in `data/`, the lower of the two packages, for that reason.
+Standard library only: it is at the bottom of the import layers, beside `errors` and `checksums`,
+so every package uses it without an import cycle (it is not input data, so not in `data/`).
 """
 
 from __future__ import annotations
