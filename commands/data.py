@@ -14,8 +14,8 @@ from commands.common import (
     out_option,
     user_errors,
 )
+from data import WORKERS
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from data.defaults import WORKERS
 from data.demo import DEMO_SEED, TEST_PER_CLASS, TRAIN_PER_CLASS
 from data.download import DATASET
 from errors import UserInputError

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from data import WORKERS
 from data.decode import DecodeError, read_image
-from data.defaults import WORKERS
 from data.layout import TEST_DIR, TRAIN_DIR, DatasetError, scan_split
 from markdown_tables import markdown_table
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.defaults import SEED, TEST_SPLIT, VAL_SPLIT
+from data import SEED, TEST_SPLIT, VAL_SPLIT
 from data.layout import (
     IMAGE_EXTENSIONS,
     TEST_DIR,

@@ -31,9 +31,9 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+from data import SEED, WORKERS
 from data.augment import AugmentConfig, augment_image, example_rng, normalize
 from data.decode import DecodeError, decode_and_resize
-from data.defaults import SEED, WORKERS
 from data.discovery import Example
 from data.fingerprint import Digest, read_and_digest
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from data.defaults import BATCH_SIZE, WORKERS
+from data import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example
 from data.loader import MRIBatches, scan_examples
 from inference.run import TrainedRun

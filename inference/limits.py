@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from data.defaults import BATCH_SIZE
+from data import BATCH_SIZE
 
 MIB = 2**20
 

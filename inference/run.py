@@ -12,9 +12,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from data import BATCH_SIZE, WORKERS
 from data.augment import normalize
 from data.decode import DecodeError, decode_and_resize
-from data.defaults import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from markdown_tables import markdown_table
 from training.metrics import LOW_CONFIDENCE, softmax

@@ -138,7 +138,7 @@ def test_export_formats_are_one_table():
         assert set(fmt.needs) == {"tensorflow", "torch", "jax"}
 
 
-# The input pipeline and the use of a finished run state the options' defaults (data.defaults',
+# The input pipeline and the use of a finished run state the options' defaults (data',
 # training.metrics'), some under another name: function -> {its name: the option's, or None for a
 # parameter that only shares an option's name}.
 NOT_THE_FLAG = {"cache": None, "augment": None}  # a DecodedCache and an AugmentConfig, not the flags

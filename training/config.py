@@ -13,9 +13,9 @@ import click
 
 from backend.parallel import data_parallel_launch_error, process_rank
 from backend.selection import selected_backend
+from data import BATCH_SIZE, SEED, TEST_SPLIT, VAL_SPLIT, WORKERS
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
 from data.augment import AUGMENT_STYLES, KERAS_GENERATOR, PREPROCESS_MODES, AugmentConfig
-from data.defaults import BATCH_SIZE, SEED, TEST_SPLIT, VAL_SPLIT, WORKERS
 from data.discovery import DatasetError, Splits, make_splits
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, FREEZE_MODES, IMAGE_SIZE, MODELS, NO_FREEZE, PRECISIONS, ModelSpec
@@ -30,7 +30,7 @@ AUGMENTS = (*AUGMENT_STYLES, NO_AUGMENT)  # --augment: data.augment's styles by 
 JIT_COMPILE = {"auto": "auto", "on": True, "off": False}  # --jit-compile -> model.compile(jit_compile=...)
 DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", "Augmentation", "Run"
 # Defaults declared below the command line, at the lowest layer that needs them, are taken from
-# there: the input pipeline's from data.defaults, the augmentation's from data.augment (`_AUGMENT`), the
+# there: the input pipeline's from data, the augmentation's from data.augment (`_AUGMENT`), the
 # model's from model.spec (`ModelSpec`'s fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py
 # fails when a copy drifts.
 _AUGMENT = AugmentConfig()
