@@ -162,15 +162,18 @@ def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | Non
 @click.option("--max-files", default=Limits.max_files, show_default=True, type=click.IntRange(1), help="Most files per request (413 beyond).")
 @click.option("--max-pixels", default=Limits.max_pixels, show_default=True, type=click.IntRange(1), help="Most pixels per image, checked before decoding (422 beyond).")
 @click.option("--max-queue", default=Limits.max_queue, show_default=True, type=click.IntRange(1), help="Images that may wait for the model (503 with Retry-After beyond).")
+@click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1), help="Most images per model call; requests waiting together are predicted as one batch.")
+@click.option("--batch-wait-ms", default=Limits.batch_wait_ms, show_default=True, type=click.FloatRange(0), help="Once an image waits, how long the model waits for others to fill its batch (more throughput, that much more latency).")
 @user_errors
 def serve(run_dir: str, host: str, port: int, checkpoint: str, threshold: float, max_file_mb: float, max_files: int,
-          max_pixels: int, max_queue: int) -> None:
+          max_pixels: int, max_queue: int, max_batch: int, batch_wait_ms: float) -> None:
     """A local web page and JSON API over a finished run (upload images, see each class's probability and
     its Grad-CAM): http://HOST:PORT/, the API at /api/predict and /api/health, its docs at /docs."""
     from inference.run import load_run
     from inference.serve import serve as run_server
 
-    limits = Limits(int(max_file_mb * MIB), max_files, max_pixels, max_queue)
+    limits = Limits(max_file_bytes=int(max_file_mb * MIB), max_files=max_files, max_pixels=max_pixels,
+                    max_queue=max_queue, max_batch=max_batch, batch_wait_ms=batch_wait_ms)
     run_server(load_run(run_dir, checkpoint), host, port, limits, threshold, echo=click.echo)
 
 

@@ -19,3 +19,4 @@ class Limits:
     max_pixels: int = 25_000_000  # a 5000x5000 image; MRI slices are at most about 1024x1024
     max_queue: int = 64  # images waiting for the model; beyond: 503 with Retry-After
     max_batch: int = BATCH_SIZE  # images per model call, as predict's batches
+    batch_wait_ms: float = 10  # once one image waits, how long the model waits for others to join its batch

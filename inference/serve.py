@@ -4,8 +4,9 @@ FastAPI (on uvicorn) gives the request parsing, the limits' status codes and an 
 the model is loaded once. One thread owns it (`InferenceWorker`): every request's images wait
 in a bounded queue and the thread runs whatever is waiting as one batch, so inference is
 serialised on every backend (no backend's model call is assumed thread-safe), concurrent
-requests share a batch (the throughput of `predict`'s batches), and requests keep being
-accepted while it runs. A full queue answers 503 with Retry-After.
+requests share a batch (it waits `batch_wait_ms` for one to fill, and pads it to one of a few
+sizes compiled before the port opens), and requests keep being accepted while it runs. A full
+queue answers 503 with Retry-After.
 
 Uploads are decoded from memory under a server-chosen name (the client's file name is only
 echoed back, never used as a path); what the parser spools to disk goes to a private temporary
@@ -38,6 +39,7 @@ from PIL import Image
 
 from data.augment import normalize
 from data.decode import DecodeError, ImageTooLargeError, decode_and_resize
+from data.demo import save_dicom
 from data.layout import IMAGE_EXTENSIONS
 from inference.gradcam import DISPLAY_SIZE, grad_cam, overlay, split_at_cam_layer, upsample
 from inference.limits import Limits
@@ -58,6 +60,41 @@ class _Job:
     images: np.ndarray  # uint8 NHWC at the model's size
     explain: bool  # also compute Grad-CAM maps
     done: concurrent.futures.Future
+
+
+BATCH_STEP = 8  # model calls above this many images are padded to a multiple of it
+
+
+def batch_sizes(most: int) -> list[int]:
+    """The sizes a model call is padded to: 1, 2, 4, 8, then multiples of 8, up to `most` (few
+    shapes to compile, and under load at most 7 padded images per call)."""
+    small = [1 << k for k in range(BATCH_STEP.bit_length()) if 1 << k < min(most, BATCH_STEP)]
+    return small + list(range(BATCH_STEP, most, BATCH_STEP)) + [most]
+
+
+def pad_batch(images: np.ndarray, most: int) -> np.ndarray:
+    """`images` padded with black images to the next of `batch_sizes(most)` (to a multiple of
+    `most` beyond it). XLA (tensorflow) and jit (jax) compile once per input shape: without
+    this, every new count of images that happened to wait together cost a compile of seconds
+    in mid-request. In inference mode each image's output does not depend on the others."""
+    n = len(images)
+    size = next((b for b in batch_sizes(most) if b >= n), -(-n // most) * most)
+    if size == n:
+        return images
+    return np.concatenate([images, np.zeros((size - n, *images.shape[1:]), images.dtype)])
+
+
+def warm_up(run: TrainedRun, limits: Limits, scratch: Path) -> None:
+    """What the first requests would otherwise wait for: the decoders' imports (pydicom's took
+    1.5 s under load), and one model call at each padded batch size (a compile each)."""
+    dicom = save_dicom(np.arange(64, dtype=np.uint8).reshape(8, 8), scratch / "warm-up.dcm", 0, patient=("", ""))
+    decode_and_resize(str(dicom), run.image_size)
+    dicom.unlink()
+    jpeg = io.BytesIO()
+    Image.new("L", (8, 8)).save(jpeg, "JPEG")
+    decode_and_resize("warm-up.jpg", run.image_size, data=jpeg.getvalue())
+    for size in batch_sizes(limits.max_batch):
+        run.probabilities(np.zeros((size, run.image_size, run.image_size, 3), np.uint8), limits.max_batch)
 
 
 class InferenceWorker:
@@ -91,9 +128,13 @@ class InferenceWorker:
     def _take_batch(self) -> list[_Job]:
         jobs = [self._queue.get()]
         size = len(jobs[0].images)
+        # Dynamic batching (TF Serving's batch_timeout, Triton's queue delay): once an image is
+        # here, wait a little for others, since one call on many images costs far less than many calls.
+        deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
         while size < self.limits.max_batch:
+            remaining = deadline - time.monotonic()
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             jobs.append(job)
@@ -106,7 +147,9 @@ class InferenceWorker:
         while True:
             jobs = self._take_batch()
             try:
-                probabilities = self.run.probabilities(np.concatenate([j.images for j in jobs]), self.limits.max_batch)
+                images = np.concatenate([j.images for j in jobs])
+                padded = pad_batch(images, self.limits.max_batch)
+                probabilities = self.run.probabilities(padded, self.limits.max_batch)[: len(images)]
                 start = 0
                 for job in jobs:
                     p = probabilities[start : start + len(job.images)]
@@ -195,6 +238,26 @@ def render_page(identity: dict, limits: Limits) -> str:
     return page
 
 
+class BoundedBody:
+    """Answers 413 to a POST whose Content-Length is over what a request may carry (the files' limit
+    plus the form's own bytes), before the parser spools anything. A plain ASGI middleware:
+    Starlette's `@app.middleware("http")` costs a task group and a stream per request."""
+
+    def __init__(self, app, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+        self.most = limits.max_files * limits.max_file_bytes + 64 * 1024
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.most:
+                message = (f"request of {int(length)} bytes: at most {self.limits.max_files} files of "
+                           f"{self.limits.max_file_bytes} bytes each")
+                await JSONResponse({"error": message}, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: float = LOW_CONFIDENCE):
     """The FastAPI application over one loaded run."""
     identity = run_identity(run)
@@ -207,15 +270,7 @@ def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: floa
     def refuse(status: int, message: str, **headers: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def bounded_body(request: Request, call_next):
-        # Refused before the parser spools anything: the most a request may carry, plus the form's own bytes.
-        length = request.headers.get("content-length")
-        most = limits.max_files * limits.max_file_bytes + 64 * 1024
-        if request.method == "POST" and length and length.isdigit() and int(length) > most:
-            return refuse(413, f"request of {int(length)} bytes: at most {limits.max_files} files of "
-                               f"{limits.max_file_bytes} bytes each")
-        return await call_next(request)
+    app.add_middleware(BoundedBody, limits=limits)
 
     @app.exception_handler(Exception)
     async def no_traceback(request: Request, exc: Exception):
@@ -256,8 +311,9 @@ def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: floa
         except QueueFullError as e:
             return refuse(503, f"busy: {e}; retry shortly", **{"Retry-After": "1"})
         probabilities, maps = await _wait(answer) if answer is not None else (None, None)
-        return {"results": await run_in_threadpool(_rows, uploads, decoded, probabilities, maps, run.classes,
-                                                   threshold, explain)}
+        rows = (_rows, uploads, decoded, probabilities, maps, run.classes, threshold, explain)
+        # Overlays mean decoding and PNG-encoding again: off the event loop; plain rows are cheap.
+        return {"results": await run_in_threadpool(*rows) if explain else rows[0](*rows[1:])}
 
     return app
 
@@ -301,6 +357,10 @@ def serve(run: TrainedRun, host: str, port: int, limits: Limits = DEFAULT_LIMITS
     with tempfile.TemporaryDirectory(prefix="mri-serve-") as private:
         tempfile.tempdir = private  # Starlette's spooled uploads (and nothing else of ours) land here
         try:
+            started = time.perf_counter()
+            warm_up(run, limits, Path(private))
+            echo(f"model ready: {len(batch_sizes(limits.max_batch))} batch sizes up to {limits.max_batch} compiled "
+                 f"in {time.perf_counter() - started:.1f} s")
             app = create_app(run, limits, threshold)
             if not is_loopback(host):
                 echo(f"warning: serving on {host}: reachable from other machines, with no authentication; "

@@ -25,8 +25,8 @@ from data.demo import phantom, save_dicom
 from data.dicom import is_dicom
 from inference.gradcam import DISPLAY_SIZE
 from inference.limits import Limits
-from inference.run import load_run, predict_files
-from inference.serve import create_app, render_page
+from inference.run import load_run, predict_files, read_images
+from inference.serve import batch_sizes, create_app, pad_batch, render_page
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_report import chromium
 
@@ -253,3 +253,31 @@ def test_a_browser_uploads_images_and_reads_the_answers(server, trained_run, upl
     pixels = np.asarray(Image.open(tmp_path / "page-1280.png").convert("L"), np.float32)
     assert (pixels < 200).mean() > 0.02 and pixels.std() > 20  # not blank: text and images
     assert is_dicom(str(uploads["dicom"]))
+
+
+def test_batches_are_padded_to_few_sizes_without_changing_any_answer(served, uploads):
+    run, _ = served
+    assert [len(pad_batch(np.zeros((n, 2, 2, 3), np.uint8), 32)) for n in (1, 3, 5, 8, 9, 25, 32, 40)] == \
+        [1, 4, 8, 8, 16, 32, 32, 64]
+    assert batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32] and batch_sizes(3) == [1, 2, 3]
+    images, _ = read_images([str(uploads["jpeg"]), str(uploads["dicom"])] * 3, run.image_size)
+    padded = pad_batch(images[:5], 32)
+    assert padded.shape[0] == 8 and not padded[5:].any()
+    np.testing.assert_allclose(run.probabilities(padded, 32)[:5], run.probabilities(images[:5], 32), atol=1e-5)
+
+
+def test_requests_waiting_together_share_one_model_call(trained_run, uploads):
+    run = load_run(trained_run)
+    calls, real = [], run.probabilities
+    run.probabilities = lambda images, batch_size: calls.append(len(images)) or real(images, batch_size)
+    client = TestClient(create_app(run, Limits(batch_wait_ms=2000)))
+    jpeg = uploads["jpeg"].read_bytes()
+    answers = []
+    threads = [threading.Thread(target=lambda i=i: answers.append(post(client, [(f"{i}.jpg", jpeg)])))
+               for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [a.status_code for a in answers] == [200] * 3
+    assert calls == [4]  # three requests, one call, padded to 4
