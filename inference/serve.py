@@ -311,9 +311,10 @@ def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: floa
         except QueueFullError as e:
             return refuse(503, f"busy: {e}; retry shortly", **{"Retry-After": "1"})
         probabilities, maps = await _wait(answer) if answer is not None else (None, None)
-        rows = (_rows, uploads, decoded, probabilities, maps, run.classes, threshold, explain)
-        # Overlays mean decoding and PNG-encoding again: off the event loop; plain rows are cheap.
-        return {"results": await run_in_threadpool(*rows) if explain else rows[0](*rows[1:])}
+        answer_rows = (uploads, decoded, probabilities, maps, run.classes, threshold, explain)
+        if explain:  # overlays mean decoding and PNG-encoding again: off the event loop
+            return {"results": await run_in_threadpool(_rows, *answer_rows)}
+        return {"results": _rows(*answer_rows)}  # plain rows are cheap
 
     return app
 
