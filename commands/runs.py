@@ -169,6 +169,9 @@ def serve(run_dir: str, host: str, port: int, checkpoint: str, threshold: float,
           max_pixels: int, max_queue: int, max_batch: int, batch_wait_ms: float) -> None:
     """A local web page and JSON API over a finished run (upload images, see each class's probability and
     its Grad-CAM): http://HOST:PORT/, the API at /api/predict and /api/health, its docs at /docs."""
+    from backend.startup import start_serving_environment
+
+    start_serving_environment()  # before the backend loads
     from inference.run import load_run
     from inference.serve import serve as run_server
 
