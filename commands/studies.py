@@ -123,9 +123,12 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
 @click_options(TrainConfig, [n for n in field_names(TrainConfig) if n != "seed"], overrides=NOT_REQUIRED)
 @backends_option("Comparison")
 @click.option("--seeds", default="0,1", show_default=True, type=LevelList(click.INT), cls=GroupedOption, group="Comparison", help="Repeat every step over these seeds (two or more give 95% intervals).")
+@click.option("--readings/--no-readings", default=False, show_default=True, cls=GroupedOption, group="Comparison",
+              help="Also train the baseline under the other readings of the study's Keras text (caffe only, rescale "
+                   "only, backbone frozen) and write the readings table.")
 @config_file_option(TrainConfig)
 @user_errors
-def reproduce(backends, seeds, out, config_file, **options) -> None:
+def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
     """The study's gap, one factor at a time: seed-keras, then each factor changed toward seed-pytorch.
 
     Steps: preprocessing, augmentation, BatchNorm momentum, architecture with its checkpoint
@@ -148,17 +151,17 @@ def reproduce(backends, seeds, out, config_file, **options) -> None:
     if not splits.test:  # every effect is a difference in test accuracy
         raise UserError(f"{options['data_dir']} has no Testing/ folder: give --test-split (e.g. 0.2) to hold out a test set")
     _grid_command("reproduce", out, ("reproduce.md", "reproduce.json", "waterfall.png", "curves.png"), lambda out_dir: run_reproduce(
-        options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo))
+        options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo, readings=readings))
 
 
 def _check_reproduce_options(options: dict, fixed: dict) -> None:
     """Every step's options are checked before the first run: the starting weights of each step
     (offline ImageNet or torchvision weights fail here, in a second) and the schedule."""
     from model.weights import resolve_backbone_weights
-    from studies.reproduce import plan_steps, step_options
+    from studies.reproduce import plan_readings, plan_steps, step_options
 
     shared = step_options(options, fixed)
-    for step in plan_steps(fixed):
+    for step in plan_steps(fixed) + plan_readings(fixed):
         chosen = dict(shared, **dict(step.changes))
         step_config = TrainConfig(**chosen)
         step_config.check_schedule()

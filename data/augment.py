@@ -41,6 +41,26 @@ AUGMENT_STYLES = (STANDARD, KERAS_GENERATOR)
 # What `ImageDataGenerator(horizontal_flip=True)` does: it flips half of the images (Keras' rule,
 # not a default of this project's).
 KERAS_FLIP_PROB = 0.5
+# How the standard style resamples (`--augment-steps`). fused: crop, flip and rotation folded into
+# one affine map and resampled once (one interpolation, fast). torchvision: each transform on its
+# own, as torchvision.transforms.v2 runs them on a PIL image: the crop, then an antialiased
+# bilinear resize to the input size, then the flip, then the rotation.
+FUSED, TORCHVISION = "fused", "torchvision"
+AUGMENT_STEPS = (FUSED, TORCHVISION)
+# The rotation's interpolation (`--rotate-interpolation`): torchvision's RandomRotation samples the
+# nearest pixel by default; bilinear blends (what the fused map always did).
+BILINEAR, NEAREST = "bilinear", "nearest"
+INTERPOLATIONS = (BILINEAR, NEAREST)
+_PIL_RESAMPLE = {BILINEAR: Image.Resampling.BILINEAR, NEAREST: Image.Resampling.NEAREST}
+# torchvision's reference classification recipe evaluates on `Resize(256)` then `CenterCrop(224)`
+# (`--val-resize-size 256 --val-crop-size 224`): the decode side `torchvision_decode_size` gives.
+TORCHVISION_RESIZE, TORCHVISION_CROP = 256, 224
+
+
+def torchvision_decode_size(image_size: int) -> int:
+    """The decode side in torchvision's reference proportion (256 for 224; 73 for 64), so that the
+    centre crop keeps the same share of the image at any input size."""
+    return round(TORCHVISION_RESIZE * image_size / TORCHVISION_CROP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +85,18 @@ class AugmentConfig:
     # keep the head inside the frame. Only the keras-generator style reads them.
     shift_range: float = 0.1
     zoom_range: float = 0.1
+    # The standard style only: how it resamples, and the rotation's interpolation (see above).
+    steps: str = FUSED
+    rotate_interpolation: str = BILINEAR
 
     def __post_init__(self) -> None:
         if self.style not in AUGMENT_STYLES:
             raise ValueError(f"unknown augmentation style {self.style!r}; expected one of {AUGMENT_STYLES}")
+        if self.steps not in AUGMENT_STEPS:
+            raise ValueError(f"unknown augmentation steps {self.steps!r}; expected one of {AUGMENT_STEPS}")
+        if self.rotate_interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown rotation interpolation {self.rotate_interpolation!r}; "
+                             f"expected one of {INTERPOLATIONS}")
         # Keras reads a shift below 1 as a fraction of the side and 1 or more as pixels; only fractions here.
         if not 0 <= self.shift_range < 1:
             raise ValueError(f"shift_range must be a fraction of the side in [0, 1), got {self.shift_range!r}")
@@ -143,7 +171,8 @@ def random_resized_crop_box(
 def augment_params(
     rng: np.random.Generator, size: int, config: AugmentConfig
 ) -> tuple[tuple[int, int, int, int], bool, float]:
-    """Draws the crop box, the flip and the rotation angle (degrees) for one image."""
+    """Draws the crop box (on the `size`-pixel decoded image), the flip and the rotation angle
+    (degrees) for one image, in torchvision's order: crop, flip, rotation."""
     box = (0, 0, size, size)
     if config.crop:
         box = random_resized_crop_box(rng, size, size, config.crop_scale, config.crop_ratio)
@@ -159,9 +188,9 @@ def _output_to_input_map(
 ) -> np.ndarray:
     """The affine map from output pixel coordinates to input ones.
 
-    The image is cropped to `box` and resized to `size`, then flipped, then
-    rotated counter-clockwise by `angle` degrees about its centre; the inverse
-    of that chain, composed, is what Pillow's affine transform samples with.
+    The image is cropped to `box` and resized to `size` (the output side), then
+    flipped, then rotated counter-clockwise by `angle` degrees about its centre;
+    the inverse of that chain, composed, is what Pillow's affine transform samples with.
     """
     top, left, h, w = box
     crop = np.array([[w / size, 0, left], [0, h / size, top], [0, 0, 1]])
@@ -174,11 +203,16 @@ def _output_to_input_map(
     return crop @ mirror @ from_centre @ turn @ to_centre
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-    """Returns a randomly augmented copy of a square uint8 image, in `config.style`."""
+def augment_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig,
+                  size: int | None = None) -> np.ndarray:
+    """Returns a randomly augmented copy of a square uint8 image, in `config.style`, `size`
+    pixels on a side (default: the image's own). A larger image (`--decode-size`) is what the
+    standard style's crop is drawn on; the keras-generator style keeps the image's size."""
     if config.style == KERAS_GENERATOR:
+        if size not in (None, image.shape[0]):
+            raise ValueError("the keras-generator augmentation keeps the image's size; decode at the input size")
         return _keras_generator_image(image, rng, config)
-    return _torchvision_image(image, rng, config)
+    return _torchvision_image(image, rng, config, image.shape[0] if size is None else size)
 
 
 def _keras_generator_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
@@ -189,21 +223,42 @@ def _keras_generator_image(image: np.ndarray, rng: np.random.Generator, config: 
     return keras_generator.apply_transform(image, params)
 
 
-def _torchvision_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-    """A randomly cropped, flipped and rotated copy of a square uint8 image."""
-    size = image.shape[0]
-    box, flip, angle = augment_params(rng, size, config)
-    if box == (0, 0, size, size) and angle == 0.0:
+def _torchvision_image(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig,
+                       size: int) -> np.ndarray:
+    """A randomly cropped, flipped and rotated copy of a square uint8 image, `size` px on a side."""
+    side = image.shape[0]
+    box, flip, angle = augment_params(rng, side, config)
+    if config.steps == TORCHVISION:
+        return torchvision_steps(image, box, flip, angle, size, config.rotate_interpolation)
+    if box == (0, 0, side, side) and side == size and angle == 0.0:
         return image[:, ::-1].copy() if flip else image
     matrix = _output_to_input_map(size, box, flip, angle)
     out = Image.fromarray(image).transform(
         (size, size),
         Image.Transform.AFFINE,
         tuple(matrix[:2].ravel()),
-        resample=Image.Resampling.BILINEAR,
+        resample=_PIL_RESAMPLE[config.rotate_interpolation],
         fillcolor=(0, 0, 0),
     )
     return np.asarray(out)
+
+
+def torchvision_steps(image: np.ndarray, box: tuple[int, int, int, int], flip: bool, angle: float,
+                      size: int, rotate_interpolation: str = NEAREST) -> np.ndarray:
+    """Crop, flip and rotation one after another, each as torchvision.transforms.v2 does it on
+    a PIL image: `resized_crop(top, left, h, w, size, antialias=True)` (Pillow's crop, then its
+    bilinear resize, which is antialiased when it shrinks), `horizontal_flip`, then
+    `rotate(angle, interpolation, fill=0)` about the centre, without expanding. The same Pillow
+    calls, so the bytes are torchvision's (tests/test_torchvision_augment.py)."""
+    top, left, h, w = box
+    img = Image.fromarray(image)
+    if (top, left, h, w) != (0, 0, *image.shape[:2]) or image.shape[0] != size:
+        img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if angle != 0.0:
+        img = img.rotate(angle, resample=_PIL_RESAMPLE[rotate_interpolation], fillcolor=(0, 0, 0))
+    return np.asarray(img)
 
 
 def normalize(images: np.ndarray, mode: str) -> np.ndarray:

@@ -232,3 +232,26 @@ def decode_and_resize(path: str, size: int, notes: list[str] | None = None, data
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     return np.ascontiguousarray(pixels)
+
+
+def decode_for_model(path: str, image_size: int, decode_size: int | None = None, notes: list[str] | None = None,
+                     data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """What evaluation and inference feed a model: the image decoded at `decode_size` (default:
+    `image_size`), then its centre `image_size` square (`center_crop`): the same
+    bytes as the evaluation batches of the run that trained it (`data.loader.MRIBatches`)."""
+    pixels = decode_and_resize(path, image_size if decode_size is None else decode_size, notes, data, max_pixels)
+    return center_crop(pixels, image_size)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The central `size` x `size` square of a larger square image, where torchvision's
+    `CenterCrop` puts it (its top-left corner at `round((side - size) / 2)`); the image itself
+    when it is already `size`. With the decode at `--decode-size`, this is the evaluation
+    transform of torchvision's reference recipe: `Resize(decode size)`, then `CenterCrop(size)`."""
+    side = image.shape[0]
+    if side == size:
+        return image
+    if side < size:
+        raise ValueError(f"cannot centre-crop {size} px from a {side} px image")
+    top = round((side - size) / 2.0)
+    return np.ascontiguousarray(image[top : top + size, top : top + size])

@@ -18,8 +18,13 @@ for that peek and serves them first in epoch 1 on torch and jax (not on
 tensorflow), which shifted every later epoch by the queue length there
 (measured in keras 3.15.1; tests/test_loader.py checks what reaches the model).
 
-Memory: the decoded-image cache holds `n_images * size * size * 3` bytes,
+Memory: the decoded-image cache holds `n_images * size * size * 3` bytes at the decode size,
 e.g. 5,708 images at 224 px = 859 MB, at 64 px = 70 MB (`--no-cache` turns it off).
+
+Decode size: images are decoded (and cached) at `decode_size`, by default the input size. When it
+is larger, training crops from it and resizes the crop to the input size (`data.augment`), and
+evaluation takes the centre `image_size` square, as torchvision's reference recipe does
+(`Resize(256)`, `CenterCrop(224)`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 
 from data import SEED, WORKERS
 from data.augment import AugmentConfig, augment_image, example_rng, normalize
-from data.decode import DecodeError, decode_and_resize
+from data.decode import DecodeError, center_crop, decode_and_resize
 from data.discovery import Example
 from data.fingerprint import Digest, read_and_digest
 
@@ -63,7 +68,7 @@ class DecodedCache:
 
 def scan_examples(
     examples: list[Example],
-    image_size: int,
+    decode_size: int,
     cache: DecodedCache | None = None,
     workers: int = WORKERS,
     progress: Callable[[int], None] | None = None,
@@ -73,7 +78,8 @@ def scan_examples(
     """Decodes every example once, before training, and drops the unreadable ones.
 
     Returns `(readable_examples, [(path, reason), ...])`. With a cache, this is
-    also the cold pass that fills it, so no decode is wasted. `notes` gets a
+    also the cold pass that fills it (at `decode_size`, the side `MRIBatches` decodes at), so no
+    decode is wasted. `notes` gets a
     `(path, note)` for each image whose values the decoder rescaled (a float or a
     12-bit image: see `data.decode`). `digests` gets each file's size and SHA-256
     (`data.fingerprint`), read in the same pass: the run's record of its data.
@@ -85,9 +91,9 @@ def scan_examples(
             data, digests[example.path] = read_and_digest(example.path)
         try:
             if cache is not None:
-                cache.get(example.path, image_size, found, data)
+                cache.get(example.path, decode_size, found, data)
             else:
-                decode_and_resize(example.path, image_size, found, data)
+                decode_and_resize(example.path, decode_size, found, data)
         except DecodeError as e:
             return str(e), found
         return None, found
@@ -122,6 +128,8 @@ class MRIBatches(keras.utils.PyDataset):
         workers: threads that build the next batches ahead (0: build each batch
             when asked, in the caller's thread).
         prefetch: how many batches ahead the threads build (default: `workers`).
+        decode_size: the side images are decoded and cached at (default: `image_size`); when
+            larger, training crops from it and evaluation takes the centre (see above).
     """
 
     def __init__(
@@ -137,6 +145,7 @@ class MRIBatches(keras.utils.PyDataset):
         cache: DecodedCache | None = None,
         workers: int = WORKERS,
         prefetch: int | None = None,
+        decode_size: int | None = None,
     ) -> None:
         super().__init__()  # Keras' own workers off: see the module docstring.
         if not examples:
@@ -144,6 +153,9 @@ class MRIBatches(keras.utils.PyDataset):
         self.examples = list(examples)
         self.labels = np.array([e.label for e in self.examples], dtype=np.int32)
         self.image_size = image_size
+        self.decode_size = image_size if decode_size is None else decode_size
+        if self.decode_size < image_size:
+            raise ValueError(f"decode size {self.decode_size} is smaller than the input size {image_size}")
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.augment = augment if augment is not None and augment.enabled else None
@@ -170,13 +182,13 @@ class MRIBatches(keras.utils.PyDataset):
         path = self.examples[index].path
         try:
             if self.cache is not None:
-                return self.cache.get(path, self.image_size)
-            return decode_and_resize(path, self.image_size)
+                return self.cache.get(path, self.decode_size)
+            return decode_and_resize(path, self.decode_size)
         except DecodeError as e:
             # Readable at scan time, unreadable now (changed on disk): keep the run
             # going with a black image and record it, rather than lose the epoch.
             self.failed.append((path, str(e)))
-            return np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            return np.zeros((self.decode_size, self.decode_size, 3), np.uint8)
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch `index` of epoch `epoch`: `(float32 NHWC images, int32 labels)`."""
@@ -187,7 +199,9 @@ class MRIBatches(keras.utils.PyDataset):
         for row, i in enumerate(ids):
             image = self._image(int(i))
             if self.augment is not None:
-                image = augment_image(image, example_rng(self.seed, epoch, int(i)), self.augment)
+                image = augment_image(image, example_rng(self.seed, epoch, int(i)), self.augment, self.image_size)
+            else:
+                image = center_crop(image, self.image_size)
             images[row] = image
         return normalize(images, self.preprocess), self.labels[ids]
 

@@ -24,10 +24,11 @@ def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int 
     Returns the classification report plus every file's label, prediction and
     probabilities, so two backends' evaluations can be compared file by file.
     """
-    readable, skipped = scan_examples(examples, run.image_size, None, workers)
+    readable, skipped = scan_examples(examples, run.decode_size, None, workers)
     if not readable:
         raise DatasetError(f"none of the {len(examples)} images could be read")
-    batches = MRIBatches(readable, run.image_size, batch_size, run.preprocess, workers=workers)
+    batches = MRIBatches(readable, run.image_size, batch_size, run.preprocess, workers=workers,
+                         decode_size=run.decode_size)
     logits = np.asarray(run.model.predict(batches, verbose=0), np.float32)
     probabilities = softmax(logits)
     report = classification_report(logits, batches.labels, run.classes)

@@ -57,7 +57,7 @@ def sample_images(run: TrainedRun, count: int) -> tuple[np.ndarray, str]:
     try:
         examples, source = split_examples(run, None, "test")
         picks = np.linspace(0, len(examples) - 1, min(count, len(examples))).astype(int)
-        images, _ = read_images([examples[i].path for i in picks], run.image_size)
+        images, _ = read_images(run, [examples[i].path for i in picks])
         if len(images):
             return images, f"{len(images)} test images ({source})"
     except (ValueError, OSError):  # the dataset moved or is on another machine

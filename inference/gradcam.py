@@ -16,7 +16,6 @@ from PIL import Image
 
 from backend.gradients import outputs_and_input_gradients
 from data.augment import normalize
-from data.decode import decode_and_resize
 from inference.run import TrainedRun, read_images
 from model.structure import activation_points
 from training.metrics import softmax
@@ -69,9 +68,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
     return np.clip((1 - alpha) * image + alpha * colours, 0, 255).astype(np.uint8)
 
 
-def side_by_side(path: str, cam: np.ndarray, size: int) -> np.ndarray:
-    """The image and its Grad-CAM overlay next to each other, `size` px high."""
-    image = decode_and_resize(path, size)
+def side_by_side(run: TrainedRun, path: str, cam: np.ndarray, size: int) -> np.ndarray:
+    """The image as the model saw it and its Grad-CAM overlay next to each other, `size` px high."""
+    image = run.read(path, size=size)
     return np.concatenate([image, overlay(image, upsample(cam, size))], axis=1)
 
 
@@ -86,7 +85,7 @@ def explain_files(run: TrainedRun, paths: list[str], out_dir: Path, class_name: 
     rows, failed, maps, probabilities = [], [], [], []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        images, errors = read_images(chunk, run.image_size)
+        images, errors = read_images(run, chunk)
         failed += [(p, e) for p, e in zip(chunk, errors, strict=True) if e is not None]
         if not len(images):
             continue
@@ -96,7 +95,7 @@ def explain_files(run: TrainedRun, paths: list[str], out_dir: Path, class_name: 
         for path, cam, p in zip(readable, chunk_maps, chunk_probs, strict=True):
             explained = int(p.argmax()) if target is None else target
             name = f"{len(rows):03d}-{Path(path).stem}__{run.classes[explained]}_{p[explained]:.2f}.png"
-            Image.fromarray(side_by_side(path, cam, display)).save(out_dir / name)
+            Image.fromarray(side_by_side(run, path, cam, display)).save(out_dir / name)
             rows.append({"path": path, "overlay": name, "explained_class": run.classes[explained],
                          "probability": float(p[explained]), "predicted": run.classes[int(p.argmax())], "error": ""})
         maps.append(chunk_maps)

@@ -284,7 +284,7 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
     except (RunError, DatasetError, OSError) as e:
         return f'<p class="note">No Grad-CAM samples: {_esc(e)}</p>'
     log(f"  Grad-CAM: predicting {len(examples)} test images of {run_dir}")
-    images, errors = read_images([e.path for e in examples], run.image_size)
+    images, errors = read_images(run, [e.path for e in examples])
     readable = [e for e, err in zip(examples, errors, strict=True) if err is None]
     if not readable:
         return '<p class="note">No Grad-CAM samples: no test image could be read.</p>'
@@ -306,7 +306,7 @@ def gradcam_section(run_dir: Path, samples: int, data_dir: str | None, log: Call
         verdict = "MISCLASSIFIED" if predicted[i] != labels[i] else "correct"
         caption = (f"{Path(readable[i].path).name}: true {run.classes[labels[i]]}, predicted "
                    f"{run.classes[predicted[i]]} {p[predicted[i]]:.2f} ({verdict})")
-        figures.append(image_html(side_by_side(readable[i].path, cam, DISPLAY_SIZE), caption))
+        figures.append(image_html(side_by_side(run, readable[i].path, cam, DISPLAY_SIZE), caption))
     intro = (f"<p>{len(wrong)} of {len(readable)} test images ({_esc(source)}) misclassified. Grad-CAM of the "
              f"predicted class on <code>{_esc(layer)}</code> ({tensor.shape[1]}x{tensor.shape[2]} maps), "
              f"computed under the active backend; misclassified images first.</p>")

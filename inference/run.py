@@ -14,7 +14,7 @@ import numpy as np
 
 from data import BATCH_SIZE, WORKERS
 from data.augment import normalize
-from data.decode import DecodeError, decode_and_resize
+from data.decode import DecodeError, decode_for_model
 from data.discovery import DatasetError, Example, files_under, list_split, make_splits
 from markdown_tables import markdown_table
 from training.metrics import LOW_CONFIDENCE, softmax
@@ -45,6 +45,20 @@ class TrainedRun:
     preprocess: str
     options: dict
     config: dict  # the run's whole config.json (counts, data paths), read once by load_run
+
+    @property
+    def decode_size(self) -> int:
+        """The side the run decoded its images at before taking the centre `image_size` square
+        (--decode-size; runs older than that option decoded at the input size)."""
+        return int(self.options.get("decode_size") or self.image_size)
+
+    def read(self, path: str, data: bytes | None = None, max_pixels: int | None = None,
+             size: int | None = None) -> np.ndarray:
+        """An image file as the run's evaluation batches show it to the model (`decode_for_model`);
+        with `size`, the same view at another side (for display beside a Grad-CAM map)."""
+        size = self.image_size if size is None else size
+        decode = round(size * self.decode_size / self.image_size)
+        return decode_for_model(path, size, decode, data=data, max_pixels=max_pixels)
 
     def logits(self, images: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Inference-mode logits of uint8 NHWC images of side `image_size`."""
@@ -195,12 +209,14 @@ class Prediction:
         return max(self.probabilities) if self.probabilities else None
 
 
-def read_images(paths: list[str], size: int, workers: int = WORKERS) -> tuple[np.ndarray, list[str | None]]:
-    """Decodes files at `size` px; returns the images of the readable ones and, per path,
-    None or the reason it could not be read."""
+def read_images(run: TrainedRun, paths: list[str], workers: int = WORKERS) -> tuple[np.ndarray, list[str | None]]:
+    """Decodes files as `run` feeds its model (`TrainedRun.read`); returns the images of the
+    readable ones and, per path, None or the reason it could not be read."""
+    size = run.image_size
+
     def read(path: str):
         try:
-            return decode_and_resize(path, size), None
+            return run.read(path), None
         except DecodeError as e:  # also a folder, a missing file, no permission
             return None, str(e)
 
@@ -224,7 +240,7 @@ def predict_files(run: TrainedRun, paths: list[str | Path], threshold: float = L
     rows = []
     for start in range(0, len(files), PREDICT_CHUNK):  # bounded memory for large folders
         chunk = files[start : start + PREDICT_CHUNK]
-        images, errors = read_images(chunk, run.image_size, workers)
+        images, errors = read_images(run, chunk, workers)
         readable = iter(run.probabilities(images, batch_size) if len(images) else [])
         for path, error in zip(chunk, errors, strict=True):
             if error is not None:

@@ -4,9 +4,10 @@ FastAPI (on uvicorn) gives the request parsing, the limits' status codes and an 
 the model is loaded once. One thread owns it (`InferenceWorker`): every request's images wait
 in a bounded queue and the thread runs whatever is waiting as one batch, so inference is
 serialised on every backend (no backend's model call is assumed thread-safe), concurrent
-requests share a batch (it waits `batch_wait_ms` for one to fill, and pads it to one of a few
-sizes compiled before the port opens), and requests keep being accepted while it runs. A full
-queue answers 503 with Retry-After.
+requests share a batch (it waits for the uploads already received and still being decoded, and
+`batch_wait_ms` for others to arrive; it pads the batch to one of a few sizes compiled before the
+port opens), and requests keep being accepted while it runs. A full queue answers 503 with
+Retry-After.
 
 Uploads are decoded from memory under a server-chosen name (the client's file name is only
 echoed back, never used as a path); what the parser spools to disk goes to a private temporary
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import html
 import io
@@ -27,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -38,7 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from data.augment import normalize
-from data.decode import DecodeError, ImageTooLargeError, decode_and_resize
+from data.decode import DecodeError, ImageTooLargeError
 from data.demo import save_dicom
 from data.layout import IMAGE_EXTENSIONS
 from inference.gradcam import DISPLAY_SIZE, grad_cam, overlay, split_at_cam_layer, upsample
@@ -63,6 +66,9 @@ class _Job:
 
 
 BATCH_STEP = 8  # model calls above this many images are padded to a multiple of it
+# A batch waits for uploads that have arrived and are being decoded (milliseconds each); this bounds
+# the wait should one of them hang.
+DECODING_WAIT_S = 1.0
 
 
 def batch_sizes(most: int) -> list[int]:
@@ -88,11 +94,11 @@ def warm_up(run: TrainedRun, limits: Limits, scratch: Path) -> None:
     """What the first requests would otherwise wait for: the decoders' imports (pydicom's took
     1.5 s under load), and one model call at each padded batch size (a compile each)."""
     dicom = save_dicom(np.arange(64, dtype=np.uint8).reshape(8, 8), scratch / "warm-up.dcm", 0, patient=("", ""))
-    decode_and_resize(str(dicom), run.image_size)
+    run.read(str(dicom))
     dicom.unlink()
     jpeg = io.BytesIO()
     Image.new("L", (8, 8)).save(jpeg, "JPEG")
-    decode_and_resize("warm-up.jpg", run.image_size, data=jpeg.getvalue())
+    run.read("warm-up.jpg", data=jpeg.getvalue())
     for size in batch_sizes(limits.max_batch):
         run.probabilities(np.zeros((size, run.image_size, run.image_size, 3), np.uint8), limits.max_batch)
 
@@ -105,6 +111,7 @@ class InferenceWorker:
         self.run, self.limits = run, limits
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._waiting = 0  # images queued, not yet taken: bounded by limits.max_queue
+        self._decoding = 0  # images received by the server and still being decoded
         self._lock = threading.Lock()
         self._cam_parts = None  # the model split for Grad-CAM, made on first use
         threading.Thread(target=self._loop, name="inference", daemon=True).start()
@@ -125,17 +132,38 @@ class InferenceWorker:
         """Images queued and not yet taken by the model."""
         return self._waiting
 
+    @contextlib.contextmanager
+    def decoding(self, count: int) -> Iterator[None]:
+        """Marks `count` uploads as received and being decoded (until `submit`, or a refusal):
+        the batch being formed waits for them rather than leave without them."""
+        with self._lock:
+            self._decoding += count
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._decoding -= count
+
     def _take_batch(self) -> list[_Job]:
         jobs = [self._queue.get()]
         size = len(jobs[0].images)
         # Dynamic batching (TF Serving's batch_timeout, Triton's queue delay): once an image is
-        # here, wait a little for others, since one call on many images costs far less than many calls.
-        deadline = time.monotonic() + self.limits.batch_wait_ms / 1000
+        # here, wait a little for others, since one call on many images costs far less than many
+        # calls. Images already received and being decoded are waited for too: while the model
+        # runs, the decoders get little CPU, and leaving without their images made batches of
+        # 4-28 where 32 were on their way (torch: a call on 4 images took as long as on 16).
+        start = time.monotonic()
         while size < self.limits.max_batch:
-            remaining = deadline - time.monotonic()
+            elapsed = time.monotonic() - start
+            if self._decoding > 0 and elapsed < DECODING_WAIT_S:
+                timeout = 0.002  # poll: a decode that fails never arrives
+            else:
+                timeout = self.limits.batch_wait_ms / 1000 - elapsed
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
+                if self._decoding > 0 and elapsed < DECODING_WAIT_S:
+                    continue
                 break
             jobs.append(job)
             size += len(job.images)
@@ -198,10 +226,10 @@ def server_name(index: int, client_name: str | None) -> str:
     return f"upload-{index}{suffix if suffix in IMAGE_EXTENSIONS else ''}"
 
 
-def display_pngs(data: bytes, name: str, cam: np.ndarray, size: int) -> tuple[str, str]:
+def display_pngs(run: TrainedRun, data: bytes, name: str, cam: np.ndarray, size: int) -> tuple[str, str]:
     """One upload as the model sees it and with its Grad-CAM overlay, `size` px, as base64 PNGs
     (a browser shows neither DICOM nor most TIFFs itself)."""
-    image = decode_and_resize(name, size, data=data)
+    image = run.read(name, data=data, size=size)
     encoded = []
     for pixels in (image, overlay(image, upsample(cam, size))):
         buffer = io.BytesIO()
@@ -301,17 +329,18 @@ def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: floa
             if len(data) > limits.max_file_bytes:
                 return refuse(413, f"{file.filename!r} is over {limits.max_file_bytes} bytes")
             uploads.append((file.filename or f"file {index + 1}", server_name(index, file.filename), data))
-        decoded = await run_in_threadpool(_decode_all, uploads, run.image_size, limits.max_pixels)
-        too_large = next((error for _, error in decoded if isinstance(error, ImageTooLargeError)), None)
-        if too_large is not None:
-            return refuse(422, str(too_large))
-        images = [image for image, _ in decoded if image is not None]
-        try:
-            answer = worker.submit(np.stack(images), explain) if images else None
-        except QueueFullError as e:
-            return refuse(503, f"busy: {e}; retry shortly", **{"Retry-After": "1"})
+        with worker.decoding(len(uploads)):  # until its images are queued (or refused)
+            decoded = await run_in_threadpool(_decode_all, run, uploads, limits.max_pixels)
+            too_large = next((error for _, error in decoded if isinstance(error, ImageTooLargeError)), None)
+            if too_large is not None:
+                return refuse(422, str(too_large))
+            images = [image for image, _ in decoded if image is not None]
+            try:
+                answer = worker.submit(np.stack(images), explain) if images else None
+            except QueueFullError as e:
+                return refuse(503, f"busy: {e}; retry shortly", **{"Retry-After": "1"})
         probabilities, maps = await _wait(answer) if answer is not None else (None, None)
-        answer_rows = (uploads, decoded, probabilities, maps, run.classes, threshold, explain)
+        answer_rows = (run, uploads, decoded, probabilities, maps, threshold, explain)
         if explain:  # overlays mean decoding and PNG-encoding again: off the event loop
             return {"results": await run_in_threadpool(_rows, *answer_rows)}
         return {"results": _rows(*answer_rows)}  # plain rows are cheap
@@ -319,12 +348,12 @@ def create_app(run: TrainedRun, limits: Limits = DEFAULT_LIMITS, threshold: floa
     return app
 
 
-def _decode_all(uploads: list[tuple[str, str, bytes]], size: int, max_pixels: int) -> list:
-    """Per upload, `(image, None)` or `(None, DecodeError)`."""
+def _decode_all(run: TrainedRun, uploads: list[tuple[str, str, bytes]], max_pixels: int) -> list:
+    """Per upload, `(image as the model sees it, None)` or `(None, DecodeError)`."""
     decoded = []
     for _, name, data in uploads:
         try:
-            decoded.append((decode_and_resize(name, size, data=data, max_pixels=max_pixels), None))
+            decoded.append((run.read(name, data=data, max_pixels=max_pixels), None))
         except DecodeError as e:
             decoded.append((None, e))
     return decoded
@@ -334,15 +363,15 @@ async def _wait(future: concurrent.futures.Future):
     return await asyncio.wrap_future(future)
 
 
-def _rows(uploads, decoded, probabilities, maps, classes, threshold, explain) -> list[dict]:
-    rows, k = [], 0
+def _rows(run, uploads, decoded, probabilities, maps, threshold, explain) -> list[dict]:
+    rows, k, classes = [], 0, run.classes
     for (client_name, name, data), (_, error) in zip(uploads, decoded, strict=True):
         if error is not None:
             rows.append(result_row(client_name, None, classes, threshold, str(error)))
             continue
         row = result_row(client_name, probabilities[k], classes, threshold)
         if explain:
-            row["image_png"], row["overlay_png"] = display_pngs(data, name, maps[k], DISPLAY_SIZE)
+            row["image_png"], row["overlay_png"] = display_pngs(run, data, name, maps[k], DISPLAY_SIZE)
         rows.append(row)
         k += 1
     return rows

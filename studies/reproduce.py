@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from data.augment import torchvision_decode_size
 from markdown_tables import markdown_table
 from studies import stats
 from studies.compare import (
@@ -42,10 +43,26 @@ BASELINE, TARGET = "seed-keras", "seed-pytorch"
 # recipes differ belongs to one (tests/test_reproduce.py checks it).
 FACTOR_STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("preprocess", ("preprocess",)),
-    ("augment", ("augment",)),
+    # The augmentation as torchvision runs it: its transforms, each resampled on its own, the crop
+    # from a larger decode (and evaluation on the centre of it).
+    ("augment", ("augment", "augment_steps", "rotate_interpolation", "decode_size")),
     ("bn-momentum", ("bn_momentum",)),
+    ("adam-epsilon", ("adam_epsilon",)),
     ("checkpoint", ("arch", "weights")),  # the architecture and the weights trained for it go together
 ]
+
+
+# Other readings of the study's Keras text (docs/recipes.md, "Where the study's text allows more
+# than one reading"), each the baseline with one option changed: "normalization based on
+# ResNet50.preprocess_input" and "rescale" read as one of the two alone, and "transfer learning
+# and feature extraction" read as the backbone frozen (the head trains; BatchNorm in inference mode).
+READINGS: list[tuple[str, str, dict[str, Any]]] = [  # (cell name, what it reads the text as, options)
+    ("reading-caffe", "preprocess_input alone (caffe)", {"preprocess": "caffe"}),
+    ("reading-rescale", "rescale alone (x/255)", {"preprocess": "rescale"}),
+    ("reading-frozen", "feature extraction: backbone frozen", {"freeze": "backbone"}),
+]
+READING_NAMES = {cell: what for cell, what, _ in READINGS}
+RECIPE_READING = "caffe then rescale, every layer trains (the recipe's)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +78,8 @@ def plan_steps(fixed: dict[str, Any]) -> list[Step]:
     e.g. --weights none or --image-size 64) hold on every step; a factor left with nothing to
     change is dropped (e.g. bn-momentum when the user fixes it)."""
     target = recipe_options(TARGET)
+    if "image_size" in fixed and "decode_size" not in fixed:  # the recipe's decode, in proportion
+        target["decode_size"] = torchvision_decode_size(fixed["image_size"])
     steps, changes = [Step(BASELINE, ())], {}
     for name, keys in FACTOR_STEPS:
         moved = {k: target[k] for k in keys if k not in fixed}
@@ -69,6 +88,11 @@ def plan_steps(fixed: dict[str, Any]) -> list[Step]:
         changes.update(moved)
         steps.append(Step(name, tuple(changes.items())))
     return steps
+
+
+def plan_readings(fixed: dict[str, Any]) -> list[Step]:
+    """The baseline under each other reading (those on an option the user fixed are left out)."""
+    return [Step(cell, tuple(changes.items())) for cell, _, changes in READINGS if not set(changes) & set(fixed)]
 
 
 def step_options(options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +135,43 @@ def decompose(results: list[dict], steps: list[Step], backends: tuple[str, ...])
     return {"rows": table}
 
 
+def readings_table(results: list[dict], steps: list[Step], readings: list[Step], backends: tuple[str, ...]) -> list:
+    """Per reading (the recipe's first) and backend: the baseline's test accuracy under it, and
+    the first step's effect measured from it (that step's runs minus the reading's, by seed)."""
+    def runs(name: str, backend: str) -> list[dict]:
+        return [r for r in results if r["cell"] == name and r["backend"] == backend]
+
+    first = steps[1].name if len(steps) > 1 else None
+    rows = []
+    for reading in [steps[0], *readings]:
+        for backend in backends:
+            mine = runs(reading.name, backend)
+            if not mine:
+                continue
+            rows.append({
+                "reading": RECIPE_READING if reading is steps[0] else READING_NAMES[reading.name],
+                "backend": backend,
+                "accuracy": _within_0_and_1(stats.mean_interval([run_test_accuracy(r) for r in mine])),
+                "first_step": first and paired_comparison(runs(first, backend), mine),
+            })
+    return rows
+
+
+def format_readings(rows: list[dict], first_step: str | None) -> list[str]:
+    if not rows:
+        return []
+    header = ["reading of the Keras text", "backend", "baseline test accuracy",
+              f"{first_step} step measured from it" if first_step else "first step"]
+    table = [[r["reading"], r["backend"], stats.cell(r["accuracy"]), comparison_cell(r["first_step"] or None)]
+             for r in rows]
+    return ["## The study's Keras text, read other ways", "",
+            "The baseline (seed-keras) under each reading of its text, and how large the first step looks "
+            "when measured from that reading (the step's runs minus the reading's, paired by seed):", "",
+            markdown_table(header, table, "llrr"), ""]
+
+
 def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, ...], seeds: list[int],
-                  command: str, failures: list[dict]) -> str:
+                  command: str, failures: list[dict], readings: list[dict] | None = None) -> str:
     """reproduce.md: the path, the table, a sentence per effect, the chart."""
     md = ["# The Keras-vs-PyTorch gap, one factor at a time", "", f"Command: `{command}`", "",
           f"Backends {', '.join(backends)}; seeds {', '.join(map(str, seeds))}. Test accuracy in percent, "
@@ -132,7 +191,8 @@ def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, .
                 second = f"{r['step']} on {other}" if other else "the step before"
                 sentence = stats.verdict(comparison["interval"], first, second, noise=comparison_noise(comparison))
                 md.append(f"- {what} effect, {r['step']} ({r['backend']}): {sentence}")
-    md += ["", "![waterfall](waterfall.png)", "", "![curves](curves.png)", ""]
+    md += ["", *format_readings(readings or [], steps[1].name if len(steps) > 1 else None)]
+    md += ["![waterfall](waterfall.png)", "", "![curves](curves.png)", ""]
     if failures:
         md += ["## Failed runs", "", *[f"- {f['run']}: {f['reason']}" for f in failures], ""]
     return "\n".join(md)
@@ -208,15 +268,19 @@ def _json_ready(decomposition: dict) -> dict:
 
 
 def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: list[int], out_dir: Path,
-                  num_classes: int, log: Callable[[str], None] = print) -> dict:
-    """Trains every step on every backend and seed (reusing finished runs in `out_dir`), writes
-    reproduce.md, reproduce.json, waterfall.png and curves.png; returns the report."""
+                  num_classes: int, log: Callable[[str], None] = print, readings: bool = False) -> dict:
+    """Trains every step on every backend and seed (reusing finished runs in `out_dir`), and with
+    `readings` the baseline under each other reading too; writes reproduce.md, reproduce.json,
+    waterfall.png and curves.png; returns the report."""
     command = invoked_command("reproduce")
     steps = plan_steps(fixed)
+    other_readings = plan_readings(fixed) if readings else []
     shared = step_options(options, fixed)
-    results, failures, _ = run_grid(shared, backends, plan_runs(steps, backends, seeds), out_dir, num_classes, log)
+    results, failures, _ = run_grid(shared, backends, plan_runs(steps + other_readings, backends, seeds), out_dir,
+                                    num_classes, log)
     decomposition = decompose(results, steps, backends)
-    text = format_report(decomposition, steps, backends, seeds, command, failures)
+    reading_rows = readings_table(results, steps, other_readings, backends) if readings else []
+    text = format_report(decomposition, steps, backends, seeds, command, failures, reading_rows)
     plot_waterfall(decomposition, steps, backends, out_dir / "waterfall.png")
     plot_curves(results, out_dir / "curves.png")
     with atomic_write(out_dir / "reproduce.md") as tmp:
@@ -225,6 +289,7 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
         "command": command, "options": shared, "fixed": fixed, "backends": list(backends), "seeds": seeds,
         "steps": [{"name": s.name, "changes": dict(s.changes)} for s in steps],
         "runs": results, "failures": failures, "decomposition": _json_ready(decomposition),
+        "readings": _json_ready({"rows": reading_rows})["rows"],
     }
     write_json(out_dir / "reproduce.json", report)
     return report | {"markdown": text}

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cli import cli
 from commands.common import NOT_REQUIRED, RECIPE
 from training.config import TrainConfig
 from training.options import cli_fields, click_options, config_file_option
-from training.recipes import RECIPES
-from training.schedule import Phase, phase_optimizer
+from training.recipes import RECIPES, recipe_options
+from training.schedule import Phase, phase_optimizer, plan_phases
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -94,3 +95,49 @@ def test_weight_decay_shrinks_kernels_but_not_batchnorm_or_biases():
             np.testing.assert_allclose(after[name], old * (1 - 0.1 * 0.5), rtol=1e-6)  # AdamW: w -= lr * wd * w
         else:
             np.testing.assert_array_equal(after[name], old)
+
+
+def test_adam_epsilon_default_is_keras_and_the_option_reaches_the_optimizer():
+    from training.config import KERAS_ADAM_EPSILON
+
+    assert keras.optimizers.Adam().epsilon == KERAS_ADAM_EPSILON == TrainConfig.adam_epsilon
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    cfg = TrainConfig(data_dir="d", recipe="seed-pytorch", **recipe_options("seed-pytorch"))
+    (phase,) = plan_phases(cfg)
+    assert phase.adam_epsilon == 1e-8
+    assert phase_optimizer(phase, 0.1, model.trainable_variables).epsilon == 1e-8
+
+
+def test_seed_pytorch_records_decode_size_interpolation_and_epsilon(demo_dir, tmp_path):
+    """What the recipe sets reaches config.json (a one-epoch run at 32 px: decode 37 px, in the
+    recipe's 256/224 proportion, given as the recipe's scaling advises)."""
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--recipe", "seed-pytorch",
+                                      "--image-size", "32", "--decode-size", "37", "--weights", "none", "--epochs", "1",
+                                      "--arch", "keras-v1", "--out", str(run), "--verbose", "0"])
+    assert result.exit_code == 0, result.output
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert (options["decode_size"], options["rotate_interpolation"], options["adam_epsilon"],
+            options["augment_steps"]) == (37, "nearest", 1e-8, "torchvision")
+    # What predict, evaluate, gradcam and serve show that run's model: the centre 32 of the 37 px decode.
+    from data.decode import decode_and_resize
+    from inference.run import load_run
+
+    trained = load_run(run)
+    image = str(next((demo_dir / "Testing" / "glioma").iterdir()))
+    assert trained.decode_size == 37
+    np.testing.assert_array_equal(trained.read(image), decode_and_resize(image, 37)[2:34, 2:34])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--image-size", "64", "--decode-size", "48"], "smaller than --image-size 64"),
+    (["--image-size", "64", "--decode-size", "200"], "at most 128 (torchvision's 256/224 at this size: --decode-size 73)"),
+    (["--image-size", "64", "--decode-size", "80", "--augment", "keras-generator"], "ImageDataGenerator"),
+    (["--recipe", "seed-pytorch", "--image-size", "64"], "--decode-size 73"),
+])
+def test_decode_sizes_that_cannot_work_are_one_line_before_any_run(demo_dir, tmp_path, flags, message):
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--weights", "none",
+                                      "--out", str(tmp_path / "run"), *flags])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

@@ -152,3 +152,27 @@ def test_an_accuracy_interval_stays_within_0_and_100_percent(tmp_path):
     results = [_result(tmp_path, steps[0].name, "torch", seed, np.arange(400) < n) for seed, n in ((0, 100), (1, 130))]
     (row,) = decompose(results, steps, ("torch",))["rows"]
     assert row["accuracy"].low == 0.0 and row["accuracy"].high == pytest.approx(0.2875 + 12.7062 * 0.0375, abs=1e-3)  # s.e. 0.0375
+
+
+def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_changed(tmp_path):
+    from studies.reproduce import READINGS, RECIPE_READING, format_readings, plan_readings, readings_table
+
+    readings = plan_readings({"weights": "none"})
+    assert [dict(r.changes) for r in readings] == [changes for _, _, changes in READINGS]
+    assert [r.name for r in plan_readings({"preprocess": "caffe"})] == ["reading-frozen"]  # the user fixed it
+    steps = plan_steps({"weights": "none"})[:2]
+    rng = np.random.default_rng(3)
+    results = []
+    for seed in (0, 1):
+        base = rng.random(200) < 0.6
+        results += [_result(tmp_path, steps[0].name, "torch", seed, base),
+                    _result(tmp_path, steps[1].name, "torch", seed, base | (rng.random(200) < 0.5)),
+                    _result(tmp_path, "reading-caffe", "torch", seed, base | (rng.random(200) < 0.4))]
+    rows = readings_table(results, steps, readings, ("torch",))
+    assert [r["reading"] for r in rows] == [RECIPE_READING, "preprocess_input alone (caffe)"]  # no runs: no row
+    recipe, caffe = rows
+    assert recipe["first_step"]["interval"].mean > caffe["first_step"]["interval"].mean > 0
+    assert abs(recipe["accuracy"].mean + recipe["first_step"]["interval"].mean
+               - (caffe["accuracy"].mean + caffe["first_step"]["interval"].mean)) < 1e-9  # the same step runs
+    text = "\n".join(format_readings(rows, steps[1].name))
+    assert "read other ways" in text and "preprocess_input alone (caffe)" in text and "preprocess step" in text

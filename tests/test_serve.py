@@ -4,6 +4,7 @@ page in a real browser against a real server (torch pass)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -23,10 +24,11 @@ from pydicom.data import get_testdata_file
 
 from data.demo import phantom, save_dicom
 from data.dicom import is_dicom
+from inference import serve as serve_module
 from inference.gradcam import DISPLAY_SIZE
 from inference.limits import Limits
 from inference.run import load_run, predict_files, read_images
-from inference.serve import batch_sizes, create_app, pad_batch, render_page
+from inference.serve import InferenceWorker, batch_sizes, create_app, pad_batch, render_page
 from tests.conftest import ROOT, active_backend, cli_env
 from tests.test_report import chromium
 
@@ -260,7 +262,7 @@ def test_batches_are_padded_to_few_sizes_without_changing_any_answer(served, upl
     assert [len(pad_batch(np.zeros((n, 2, 2, 3), np.uint8), 32)) for n in (1, 3, 5, 8, 9, 25, 32, 40)] == \
         [1, 4, 8, 8, 16, 32, 32, 64]
     assert batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32] and batch_sizes(3) == [1, 2, 3]
-    images, _ = read_images([str(uploads["jpeg"]), str(uploads["dicom"])] * 3, run.image_size)
+    images, _ = read_images(run, [str(uploads["jpeg"]), str(uploads["dicom"])] * 3)
     padded = pad_batch(images[:5], 32)
     assert padded.shape[0] == 8 and not padded[5:].any()
     np.testing.assert_allclose(run.probabilities(padded, 32)[:5], run.probabilities(images[:5], 32), atol=1e-5)
@@ -281,3 +283,42 @@ def test_requests_waiting_together_share_one_model_call(trained_run, uploads):
         thread.join(120)
     assert [a.status_code for a in answers] == [200] * 3
     assert calls == [4]  # three requests, one call, padded to 4
+
+
+class _CountingRun:
+    """Stands in for a run in the worker: answers every image at once and records each call's size."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def probabilities(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        self.calls.append(len(images))
+        return np.full((len(images), 4), 0.25, np.float32)
+
+
+def test_a_batch_waits_for_uploads_still_being_decoded():
+    """Request B's upload has arrived and is being decoded when A's image is queued: the batch
+    waits for it far beyond batch_wait_ms, and both go in one call."""
+    run, image = _CountingRun(), np.zeros((1, 8, 8, 3), np.uint8)
+    worker = InferenceWorker(run, Limits(batch_wait_ms=1))
+    with contextlib.ExitStack() as request_b:
+        request_b.enter_context(worker.decoding(1))
+        with worker.decoding(1):
+            first = worker.submit(image)
+        time.sleep(0.3)
+        assert not first.done()  # 300 times batch_wait_ms, still waiting for B
+        second = worker.submit(image)
+    first.result(10), second.result(10)
+    assert run.calls == [2]
+
+
+def test_a_decode_that_never_arrives_holds_a_batch_only_so_long(monkeypatch):
+    monkeypatch.setattr(serve_module, "DECODING_WAIT_S", 0.2)
+    run, image = _CountingRun(), np.zeros((1, 8, 8, 3), np.uint8)
+    worker = InferenceWorker(run, Limits(batch_wait_ms=1))
+    with worker.decoding(1):  # a request whose decode fails: it submits nothing
+        answer = worker.submit(image)
+        start = time.monotonic()
+        answer.result(10)
+        assert 0.15 < time.monotonic() - start < 5
+    assert run.calls == [1]

@@ -15,7 +15,15 @@ from backend.parallel import data_parallel_launch_error, process_rank
 from backend.selection import selected_backend
 from data import BATCH_SIZE, SEED, TEST_SPLIT, VAL_SPLIT, WORKERS
 from data.audit import DEFAULT_MAX_DISTANCE, DEFAULT_MIN_CORRELATION
-from data.augment import AUGMENT_STYLES, KERAS_GENERATOR, PREPROCESS_MODES, AugmentConfig
+from data.augment import (
+    AUGMENT_STEPS,
+    AUGMENT_STYLES,
+    INTERPOLATIONS,
+    KERAS_GENERATOR,
+    PREPROCESS_MODES,
+    AugmentConfig,
+    torchvision_decode_size,
+)
 from data.discovery import DatasetError, Splits, make_splits
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, FREEZE_MODES, IMAGE_SIZE, MODELS, NO_FREEZE, PRECISIONS, ModelSpec
@@ -34,6 +42,12 @@ DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", 
 # model's from model.spec (`ModelSpec`'s fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py
 # fails when a copy drifts.
 _AUGMENT = AugmentConfig()
+# --decode-size at most this times --image-size: a centre crop of less than half the side drops
+# most of the image (a recipe's 256 px decode left at --image-size 64 would keep its centre 25%).
+MAX_DECODE_RATIO = 2
+# keras.optimizers.Adam's epsilon (Keras' default; torch.optim.Adam's is 1e-8), declared here, Keras-free,
+# for --adam-epsilon; tests/test_defaults.py checks it against Keras.
+KERAS_ADAM_EPSILON = 1e-7
 
 
 class ConfigError(UserInputError, ValueError):
@@ -50,6 +64,11 @@ class TrainConfig:
                            "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
     image_size: int = option(IMAGE_SIZE, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
+    decode_size: int | None = option(None, "Decode (and cache) images at this side, at least --image-size: "
+                                     "training crops from it and resizes each crop to --image-size; evaluation "
+                                     "takes the centre --image-size square, as torchvision's reference recipe "
+                                     "(Resize 256, CenterCrop 224). Default: --image-size.",
+                                     type=click.IntRange(32, 2048), group=DATA)
     batch_size: int = option(BATCH_SIZE, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision); caffe-rescaled: caffe then x/255 "
@@ -100,6 +119,12 @@ class TrainConfig:
                          group=OPTIMIZATION)
     learning_rate: float = option(1e-4, "Adam learning rate of the main phase (its peak with warmup or cosine).",
                                   type=PositiveFloat(), flag="--lr", group=OPTIMIZATION)
+    adam_epsilon: float = option(KERAS_ADAM_EPSILON, "Adam's epsilon (Keras' default; torch.optim.Adam's is 1e-8).",
+                                 type=PositiveFloat(), group=OPTIMIZATION)
+    precise_bn: int = option(0, "After training: recompute every trainable BatchNorm layer's moving mean and "
+                             "variance from N training batches through the final weights (and the best epoch's), "
+                             "the same on every backend (\"precise BN\"); 0: off.", type=click.IntRange(0),
+                             group=OPTIMIZATION)
     head_epochs: int = option(0, "First phase: epochs with the backbone frozen (0: no such phase).",
                               type=click.IntRange(0), group=OPTIMIZATION)
     head_lr: float = option(1e-3, "Adam learning rate of the --head-epochs phase.", type=PositiveFloat(), group=OPTIMIZATION)
@@ -128,6 +153,14 @@ class TrainConfig:
                                 "of the side (0: off).", type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
     zoom_range: float = option(_AUGMENT.zoom_range, "keras-generator: zoom drawn from [1-z, 1+z] per axis (0: off).",
                                type=click.FloatRange(0, 1, max_open=True), group=AUGMENTATION)
+    augment_steps: str = option(_AUGMENT.steps, "standard: fused (crop, flip and rotation in one bilinear "
+                                "resampling; fast) or torchvision (each step as torchvision.transforms.v2 runs it "
+                                "on a PIL image: crop, antialiased resize, flip, rotation).",
+                                type=click.Choice(AUGMENT_STEPS), group=AUGMENTATION)
+    rotate_interpolation: str = option(_AUGMENT.rotate_interpolation, "standard: the rotation's interpolation "
+                                       "(nearest: torchvision's RandomRotation default; with --augment-steps fused, "
+                                       "the whole resampling's).", type=click.Choice(INTERPOLATIONS),
+                                       group=AUGMENTATION)
     precision: str = option(ModelSpec.precision, "Keras dtype policy: float32, or mixed_bfloat16 / mixed_float16 (float32 "
                             "variables and logits; float16 with loss scaling).", type=click.Choice(PRECISIONS),
                             group=RUN)
@@ -165,6 +198,11 @@ class TrainConfig:
         return ModelSpec(self.model, self.cut, self.head_blocks, self.head_filters, self.se, self.dropout,
                          self.bn_momentum, dropout_seed=self.seed, arch=self.resolved_arch,
                          precision=self.precision)
+
+    @property
+    def decoded_size(self) -> int:
+        """The side images are decoded and cached at: --decode-size, or the input size."""
+        return self.image_size if self.decode_size is None else self.decode_size
 
     @property
     def resolved_arch(self) -> str:
@@ -209,8 +247,22 @@ class TrainConfig:
                            find_twins=self.leakage_report and twins)
 
     def augment_config(self) -> AugmentConfig:
+        """The training augmentation; raises ConfigError where it and --decode-size do not fit."""
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if self.decoded_size < self.image_size:
+            raise ConfigError(f"--decode-size {self.decode_size} is smaller than --image-size {self.image_size}: "
+                              f"images are decoded at the larger side and cropped to the input")
+        if self.decoded_size > MAX_DECODE_RATIO * self.image_size:
+            raise ConfigError(f"--decode-size {self.decode_size} is more than {MAX_DECODE_RATIO}x --image-size "
+                              f"{self.image_size}: evaluation would see only the centre "
+                              f"{self.image_size / self.decoded_size:.0%} of each side; give --decode-size at most "
+                              f"{MAX_DECODE_RATIO * self.image_size} (torchvision's 256/224 at this size: "
+                              f"--decode-size {torchvision_decode_size(self.image_size)})")
+        if self.augment == KERAS_GENERATOR and self.decoded_size != self.image_size:
+            raise ConfigError(f"--decode-size {self.decode_size} with --augment keras-generator: "
+                              f"ImageDataGenerator transforms the image at the input size and crops nothing; "
+                              f"leave --decode-size out (or use --augment standard)")
         if self.augment == NO_AUGMENT:
             return AugmentConfig.none()
         if self.augment == KERAS_GENERATOR:
@@ -222,6 +274,8 @@ class TrainConfig:
             crop_ratio=tuple(self.crop_ratio),
             flip_prob=self.flip_prob,
             rotate_degrees=self.rotate_degrees,
+            steps=self.augment_steps,
+            rotate_interpolation=self.rotate_interpolation,
         )
 
 
@@ -306,13 +360,14 @@ def _size(n_bytes: int) -> str:
 def memory_estimate(cfg: TrainConfig, n_images: int) -> tuple[int, int]:
     """Bytes the run's images take at the least: `(decoded cache, float32 batches in flight)`.
 
-    The cache holds every image as uint8, `n * size^2 * 3` (0 with --no-cache); the batches are
+    The cache holds every image as uint8 at the decode size, `n * size^2 * 3` (0 with --no-cache); the batches are
     the one training, the one being built and the --workers prefetched, `size^2 * 3` float32
     values per image. The model, its activations and the backend come on top: this is a lower
     bound, so a refusal on it never turns away a run that would fit.
     """
     pixels = cfg.image_size * cfg.image_size * 3
-    return n_images * pixels if cfg.cache else 0, (cfg.workers + 2) * cfg.batch_size * pixels * 4
+    decoded = cfg.decoded_size * cfg.decoded_size * 3
+    return n_images * decoded if cfg.cache else 0, (cfg.workers + 2) * cfg.batch_size * pixels * 4
 
 
 def physical_memory() -> int | None:

@@ -28,6 +28,7 @@ class Phase:
     backbone_blocks: int | None = None  # top residual blocks that train; None: all, 0: frozen
     train_batchnorm: bool = True  # the backbone's BatchNormalization in those blocks trains too
     weight_decay: float = TrainConfig.weight_decay  # Adam's decoupled weight decay, on kernels
+    adam_epsilon: float = TrainConfig.adam_epsilon
     label_smoothing: float = TrainConfig.label_smoothing
     jit_compile: str | bool = JIT_COMPILE[TrainConfig.jit_compile]  # model.compile's
     steps_per_execution: int = TrainConfig.steps_per_execution
@@ -37,7 +38,7 @@ def plan_phases(cfg) -> list[Phase]:
     """The phases a `TrainConfig` asks for."""
     phases = []
     # How every phase trains and compiles (not what trains): the same in each.
-    common = {"weight_decay": cfg.weight_decay, "label_smoothing": cfg.label_smoothing,
+    common = {"weight_decay": cfg.weight_decay, "adam_epsilon": cfg.adam_epsilon, "label_smoothing": cfg.label_smoothing,
               "jit_compile": JIT_COMPILE[cfg.jit_compile], "steps_per_execution": cfg.steps_per_execution}
     if cfg.head_epochs:
         # The schedule options are the main phase's: the head phase runs at a constant rate.
@@ -92,7 +93,7 @@ def phase_learning_rate(phase: Phase, steps_per_epoch: int, start_step: int):
 def phase_optimizer(phase: Phase, learning_rate, variables: list) -> keras.optimizers.Adam:
     """The phase's Adam; with `phase.weight_decay`, decoupled weight decay (AdamW) on the kernels
     of `variables` only: decaying BatchNorm scales, shifts and biases pulls them toward 0 for no gain."""
-    optimizer = keras.optimizers.Adam(learning_rate, weight_decay=phase.weight_decay or None)
+    optimizer = keras.optimizers.Adam(learning_rate, epsilon=phase.adam_epsilon, weight_decay=phase.weight_decay or None)
     if phase.weight_decay:
         optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
     return optimizer

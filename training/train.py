@@ -27,7 +27,7 @@ from backend.selection import environment, tensorflow_kept_out
 from checksums import file_sha256
 from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
 from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
-from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
+from data.loader import DecodedCache, EpochSync, MRIBatches, iterate_epoch, scan_examples
 from errors import UserInputError
 from model import ModelSpec, build_model, load_initial_weights
 from model.structure import set_backbone_trainable
@@ -48,6 +48,7 @@ from training.callbacks import (
 from training.config import Preflight, TrainConfig, preflight
 from training.losses import training_loss
 from training.metrics import classification_report, format_table, result_rows, results_row
+from training.precise_bn import recompute_batchnorm_statistics
 from training.resume import reconcile_run_dir
 from training.rundir import (
     BEST,
@@ -88,8 +89,8 @@ def _scan(name: str, examples: list[Example], cfg: TrainConfig, cache, log,
     if not examples:
         return [], []
     bar = keras.utils.Progbar(len(examples), verbose=1 if cfg.verbose else 0, unit_name="image")
-    log(f"Decoding {len(examples)} {name} images at {cfg.image_size} px")
-    good, skipped = scan_examples(examples, cfg.image_size, cache, cfg.workers, progress=bar.update, notes=notes,
+    log(f"Decoding {len(examples)} {name} images at {cfg.decoded_size} px")
+    good, skipped = scan_examples(examples, cfg.decoded_size, cache, cfg.workers, progress=bar.update, notes=notes,
                                   digests=digests)
     for path, reason in skipped:
         log(f"  skipped {path}: {reason}")
@@ -100,7 +101,7 @@ def training_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCa
     """The training batches exactly as `fit` gets them (also what `pipeline-hash` hashes)."""
     return MRIBatches(
         examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cfg.augment_config(),
-        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers,
+        shuffle=True, seed=cfg.seed, cache=cache, workers=cfg.workers, decode_size=cfg.decoded_size,
     )
 
 
@@ -108,7 +109,7 @@ def scanned_training_batches(cfg: TrainConfig, examples: list[Example] | None = 
     """`training_batches` of `examples` (default: `cfg.data_dir`'s training split), decoded once
     into the cache, unreadable files left out."""
     cache = DecodedCache() if cfg.cache else None
-    examples, _ = scan_examples(cfg.splits().train if examples is None else examples, cfg.image_size, cache,
+    examples, _ = scan_examples(cfg.splits().train if examples is None else examples, cfg.decoded_size, cache,
                                 cfg.workers)
     return training_batches(cfg, examples, cache)
 
@@ -118,7 +119,8 @@ def probe_batch(cfg: TrainConfig, examples: list[Example], cache) -> tuple[np.nd
     split (so over the classes), not augmented."""
     picks = np.linspace(0, len(examples) - 1, min(cfg.batch_size, len(examples))).astype(int)
     chosen = [examples[i] for i in picks]
-    return MRIBatches(chosen, cfg.image_size, len(chosen), cfg.preprocess, cache=cache, workers=0).batch(0, 0)
+    return MRIBatches(chosen, cfg.image_size, len(chosen), cfg.preprocess, cache=cache, workers=0,
+                      decode_size=cfg.decoded_size).batch(0, 0)
 
 
 def fit_phases(
@@ -229,7 +231,8 @@ def _describe_blocks(blocks: list[str], requested: int | None) -> str:
 
 def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
     batches = MRIBatches(
-        examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers
+        examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers,
+        decode_size=cfg.decoded_size,
     )
     logits = distribute.predict(model, batches, len(examples))  # on every replica
     return np.asarray(logits, dtype=np.float32), batches.labels
@@ -371,7 +374,8 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
     resumed run's); raises `DivergedError` when the loss became non-finite."""
     train_batches = training_batches(cfg, data.train, data.cache)
     val_batches = (
-        MRIBatches(data.val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=data.cache, workers=cfg.workers)
+        MRIBatches(data.val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=data.cache, workers=cfg.workers,
+                   decode_size=cfg.decoded_size)
         if data.val else None
     )
     guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state,
@@ -397,16 +401,21 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
                     trained: tuple[Checkpoints, StabilityMonitor, MRIBatches], log: Callable[[str], None]) -> dict:
     """model.keras (the final weights), the metrics of the final and the best epoch's weights
     in metrics.json, and the results table in the log."""
-    checkpoints = trained[0]
+    checkpoints, _, train_batches = trained
+    precise = _precise_batchnorm(model, cfg, train_batches, log)
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
         load_model_weights(model, run_dir / BEST)
+        if precise:  # the best epoch's weights get theirs too; the file keeps them, so --checkpoint best agrees
+            _precise_batchnorm(model, cfg, train_batches, log)
+            save_weights(model, run_dir / BEST, checkpoint_state(run_dir / BEST), with_optimizer=False)
         best, best_predicted = _evaluate(model, data, cfg)
     if final_predicted is not None:
         write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
     history = read_history(run_dir)  # every epoch, also those before a resume
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
+    metrics["precise_bn"] = precise
     # Which run the files belong to: evaluate, report and --resume check them (check_run_files).
     metrics.update(run_id=checkpoints.run_id, model_sha256=file_sha256(run_dir / MODEL_FILE))
     write_json(run_dir / "metrics.json", metrics)
@@ -421,6 +430,19 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
         f"{backend} (best, epoch {checkpoints.best_epoch})": metrics["best"],
     }))
     return metrics
+
+
+def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIBatches,
+                       log: Callable[[str], None]) -> dict | None:
+    """`--precise-bn N`: the moving statistics from the first N batches of the epoch after the
+    last (the pipeline's own, augmented as in training, the same bytes on every backend)."""
+    if not cfg.precise_bn:
+        return None
+    epoch = sum(p.epochs for p in plan_phases(cfg))
+    images = (x for x, _ in iterate_epoch(train_batches, epoch, limit=cfg.precise_bn))
+    used, layers = recompute_batchnorm_statistics(model, images)
+    log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
+    return {"batches": used, "layers": layers, "epoch": epoch}
 
 
 def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,

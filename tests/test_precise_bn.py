@@ -1,0 +1,91 @@
+"""`--precise-bn N`: BatchNorm's moving statistics recomputed from N batches through fixed weights."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+from click.testing import CliRunner
+
+from cli import cli
+from training.precise_bn import batchnorm_layers, recompute_batchnorm_statistics
+
+
+def _small_model() -> keras.Model:
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(5, 1, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="frozen_bn")(x)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    model.get_layer("frozen_bn").trainable = False
+    return model
+
+
+def test_moving_statistics_become_the_mean_of_the_batch_statistics():
+    keras.utils.set_random_seed(3)
+    model = _small_model()
+    bn, frozen = model.get_layer("bn"), model.get_layer("frozen_bn")
+    bn.moving_mean.assign(np.full(4, 50.0, "float32"))  # far from anything the batches give
+    bn.moving_variance.assign(np.full(4, 9.0, "float32"))
+    frozen_before = [np.array(v) for v in frozen.weights]
+    weights_before = [np.array(v) for v in model.trainable_weights]
+    batches = [np.random.default_rng(i).normal(i, 1 + i, (6, 8, 8, 3)).astype("float32") for i in range(3)]
+    conv = keras.Model(model.input, model.get_layer("conv").output)
+    features = [np.asarray(keras.ops.convert_to_numpy(conv(b))) for b in batches]
+    expected_mean = np.mean([f.mean(axis=(0, 1, 2)) for f in features], axis=0)
+    expected_var = np.mean([f.var(axis=(0, 1, 2)) for f in features], axis=0)  # biased, as Keras normalises
+
+    assert batchnorm_layers(model) == [bn]
+    assert recompute_batchnorm_statistics(model, iter(batches)) == (3, 1)
+    np.testing.assert_allclose(np.array(bn.moving_mean), expected_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.array(bn.moving_variance), expected_var, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.9  # put back
+    for old, new in zip(frozen_before, frozen.weights, strict=True):  # trained on its moving statistics: kept
+        np.testing.assert_array_equal(old, np.array(new))
+    for old, new in zip(weights_before, model.trainable_weights, strict=True):  # the weights stay fixed
+        np.testing.assert_array_equal(old, np.array(new))
+
+
+def test_the_same_weights_with_different_moving_statistics_score_alike_afterwards():
+    """What the option is for: two models whose weights agree and whose moving averages do not
+    (the BatchNorm-momentum step of `reproduce`) give the same inference outputs after it."""
+    keras.utils.set_random_seed(5)
+    a = _small_model()
+    b = _small_model()
+    b.set_weights(a.get_weights())
+    b.get_layer("bn").moving_mean.assign(np.full(4, -3.0, "float32"))
+    x = np.random.default_rng(0).normal(0, 1, (4, 8, 8, 3)).astype("float32")
+    assert not np.allclose(keras.ops.convert_to_numpy(a(x)), keras.ops.convert_to_numpy(b(x)), atol=1e-3)
+    batches = [np.random.default_rng(10 + i).normal(0, 1, (6, 8, 8, 3)).astype("float32") for i in range(2)]
+    for model in (a, b):
+        recompute_batchnorm_statistics(model, iter(batches))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(a(x)), keras.ops.convert_to_numpy(b(x)), atol=1e-5)
+
+
+def test_no_batches_change_nothing():
+    model = _small_model()
+    before = [np.array(v) for v in model.weights]
+    assert recompute_batchnorm_statistics(model, iter([])) == (0, 0)
+    for old, new in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, np.array(new))
+
+
+def test_a_run_with_precise_bn_records_it_and_its_files_hold_the_recomputed_statistics(demo_dir, tmp_path):
+    from inference.run import load_run
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "1",
+                                      "--weights", "none", "--batch-size", "8", "--precise-bn", "2",
+                                      "--keep-checkpoints", "best", "--out", str(run), "--verbose", "0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["precise_bn"] == {"batches": 2, "layers": 53, "epoch": 1}  # ResNet50's 53 BatchNorm layers
+    assert json.loads((run / "config.json").read_text())["options"]["precise_bn"] == 2
+    # One epoch: the best epoch is the last, so model.keras and best.weights.h5 hold the same statistics.
+    final, best = load_run(run), load_run(run, "best")
+    for a, b in zip(final.model.weights, best.model.weights, strict=True):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
