@@ -89,3 +89,24 @@ def test_a_run_with_precise_bn_records_it_and_its_files_hold_the_recomputed_stat
     final, best = load_run(run), load_run(run, "best")
     for a, b in zip(final.model.weights, best.model.weights, strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(demo_dir, tmp_path):
+    """`reproduce`'s bn-momentum step: the momentum changes only the moving averages, so its two
+    arms train the same weights; with --precise-bn the statistics come from the same batches
+    through those weights, and the two score alike."""
+    from inference.run import load_run
+
+    runs = {}
+    for momentum in ("0.99", "0.5"):
+        runs[momentum] = tmp_path / momentum
+        result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "2",
+                                          "--weights", "none", "--batch-size", "8", "--bn-momentum", momentum,
+                                          "--precise-bn", "3", "--out", str(runs[momentum]), "--verbose", "0"])
+        assert result.exit_code == 0, result.output
+    a, b = (load_run(r).model for r in runs.values())
+    for va, vb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-5, atol=1e-6, err_msg=va.path)
+    scores = [json.loads((r / "metrics.json").read_text())["test"] for r in runs.values()]
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]
+    assert abs(scores[0]["loss"] - scores[1]["loss"]) < 1e-5

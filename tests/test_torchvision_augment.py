@@ -22,7 +22,13 @@ from data.augment import AugmentConfig, augment_image, augment_params, example_r
 from data.decode import decode_and_resize, decode_for_model
 from data.discovery import Example
 from data.loader import MRIBatches
+from tests.conftest import active_backend
 
+# Backend-independent bytes, so the torch pass runs them: importing torchvision into a process
+# that has loaded tensorflow crashes it (tests/test_torchvision_weights.py), and pytest imports
+# every test module of a pass into one process.
+if active_backend() != "torch":
+    pytest.skip("backend-independent bytes; runs once, in the torch pass", allow_module_level=True)
 tv = pytest.importorskip("torchvision.transforms.v2.functional")
 InterpolationMode = pytest.importorskip("torchvision.transforms").InterpolationMode
 
