@@ -96,3 +96,24 @@ def outputs_and_input_gradients(model, inputs, weights) -> tuple:
         (_, outputs), gradients = jax.value_and_grad(score, has_aux=True)(jax.numpy.asarray(inputs))
         return np.asarray(outputs), np.asarray(gradients)
     raise BackendError(f"no gradient code for backend {backend!r}")
+
+
+def training_forward(model, images) -> None:
+    """A training-mode forward pass, eagerly, that records no gradients: BatchNormalization
+    normalises with the batch statistics and updates its moving averages (precise BatchNorm)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy() and tf.distribute.in_cross_replica_context():  # as loss_and_gradients
+            return on_first_replica(training_forward, model, images)
+    if backend == "torch":
+        import torch
+
+        with torch.no_grad():  # eager torch would otherwise keep the whole graph for a backward pass
+            model(images, training=True)
+        return None
+    model(images, training=True)
+    return None

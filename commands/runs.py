@@ -163,7 +163,7 @@ def report(path: str, gradcam_samples: int, data_dir: str | None, out: str | Non
 @click.option("--max-pixels", default=Limits.max_pixels, show_default=True, type=click.IntRange(1), help="Most pixels per image, checked before decoding (422 beyond).")
 @click.option("--max-queue", default=Limits.max_queue, show_default=True, type=click.IntRange(1), help="Images that may wait for the model (503 with Retry-After beyond).")
 @click.option("--max-batch", default=Limits.max_batch, show_default=True, type=click.IntRange(1), help="Most images per model call; requests waiting together are predicted as one batch.")
-@click.option("--batch-wait-ms", default=Limits.batch_wait_ms, show_default=True, type=click.FloatRange(0), help="Once an image waits, how long the model waits for others to fill its batch (more throughput, that much more latency).")
+@click.option("--batch-wait-ms", default=Limits.batch_wait_ms, show_default=True, type=click.FloatRange(0), help="Once an image waits, how long the model waits for others to fill its batch (more throughput, that much more latency); it also waits, at most 1 s, for uploads already received and being decoded. 0: no waiting at all.")
 @user_errors
 def serve(run_dir: str, host: str, port: int, checkpoint: str, threshold: float, max_file_mb: float, max_files: int,
           max_pixels: int, max_queue: int, max_batch: int, batch_wait_ms: float) -> None:

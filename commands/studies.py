@@ -95,6 +95,8 @@ def compare(backends, seeds, out, config_file, **options) -> None:
     fixed.update({f: levels[0] for f, levels in factors.items()})
     for model in factors["model"]:  # e.g. --unfreeze-blocks that one model's backbone lacks
         TrainConfig(**dict(fixed, model=model)).check_schedule()
+    for augment in factors["augment"]:  # e.g. keras-generator with a --decode-size larger than the input
+        TrainConfig(**dict(fixed, augment=augment)).augment_config()
     grid = {f: levels for f, levels in factors.items() if len(levels) > 1}
     _grid_command("compare", out, ("compare.md", "compare.json", "curves.png"), lambda out_dir: run_compare(
         fixed, backends, grid, seeds, out_dir, len(splits.classes), log=click.echo))
@@ -131,8 +133,8 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
 def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
     """The study's gap, one factor at a time: seed-keras, then each factor changed toward seed-pytorch.
 
-    Steps: preprocessing, augmentation, BatchNorm momentum, architecture with its checkpoint
-    (the last step is the seed-pytorch recipe). Options given here hold on every step (e.g.
+    Steps: preprocessing, augmentation (as torchvision runs it), BatchNorm momentum, Adam's epsilon,
+    architecture with its checkpoint (the last step is the seed-pytorch recipe). Options given here hold on every step (e.g.
     --weights none --image-size 64 --epochs 2 for an offline run). Writes reproduce.md/json,
     waterfall.png: each step's effect and the framework effect, with 95% intervals.
     """
@@ -146,7 +148,7 @@ def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.DEFAULT_MAP)}
     given.pop("recipe", None)
-    _check_reproduce_options(options, given)
+    _check_reproduce_options(options, given, readings)
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
     if not splits.test:  # every effect is a difference in test accuracy
         raise UserError(f"{options['data_dir']} has no Testing/ folder: give --test-split (e.g. 0.2) to hold out a test set")
@@ -154,17 +156,19 @@ def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
         options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo, readings=readings))
 
 
-def _check_reproduce_options(options: dict, fixed: dict) -> None:
+def _check_reproduce_options(options: dict, fixed: dict, readings: bool) -> None:
     """Every step's options are checked before the first run: the starting weights of each step
-    (offline ImageNet or torchvision weights fail here, in a second) and the schedule."""
+    (offline ImageNet or torchvision weights fail here, in a second), the schedule and the
+    augmentation with its decode size."""
     from model.weights import resolve_backbone_weights
     from studies.reproduce import plan_readings, plan_steps, step_options
 
     shared = step_options(options, fixed)
-    for step in plan_steps(fixed) + plan_readings(fixed):
+    for step in plan_steps(fixed) + (plan_readings(fixed) if readings else []):
         chosen = dict(shared, **dict(step.changes))
         step_config = TrainConfig(**chosen)
         step_config.check_schedule()
+        step_config.augment_config()
         step_config.resolved_arch  # noqa: B018 -- the architecture fits the weights
         resolve_backbone_weights(chosen["weights"])
 

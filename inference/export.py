@@ -118,7 +118,10 @@ def export_run(run: TrainedRun, format: str, out: Path | None = None, check_imag
         "format": format, "path": str(out), "backend": keras.backend.backend(), "checkpoint": run.checkpoint,
         "input": {"name": run.model.input.name, "shape": [None, run.image_size, run.image_size, 3],
                   "dtype": "float32", "layout": "NHWC, RGB decoded then normalized",
-                  "preprocess": run.preprocess},
+                  "preprocess": run.preprocess,
+                  # How the run's images became that square: resized to decode_size, then the centre
+                  # image_size square (the same when the two are equal).
+                  "decode_size": run.decode_size, "crop": "centre"},
         "output": {"name": "probabilities", "classes": run.classes},
         "check": {"images": what, "max_abs_probability_difference": difference, "tolerance": PROBABILITY_ATOL,
                   "same_predictions": bool((got.argmax(1) == expected.argmax(1)).all()),

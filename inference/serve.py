@@ -112,6 +112,7 @@ class InferenceWorker:
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._waiting = 0  # images queued, not yet taken: bounded by limits.max_queue
         self._decoding = 0  # images received by the server and still being decoded
+        self._held: _Job | None = None  # taken from the queue, but too many images for the batch then forming
         self._lock = threading.Lock()
         self._cam_parts = None  # the model split for Grad-CAM, made on first use
         threading.Thread(target=self._loop, name="inference", daemon=True).start()
@@ -145,25 +146,29 @@ class InferenceWorker:
                 self._decoding -= count
 
     def _take_batch(self) -> list[_Job]:
-        jobs = [self._queue.get()]
+        jobs = [self._held or self._queue.get()]
+        self._held = None
         size = len(jobs[0].images)
         # Dynamic batching (TF Serving's batch_timeout, Triton's queue delay): once an image is
         # here, wait a little for others, since one call on many images costs far less than many
-        # calls. Images already received and being decoded are waited for too: while the model
-        # runs, the decoders get little CPU, and leaving without their images made batches of
-        # 4-28 where 32 were on their way (torch: a call on 4 images took as long as on 16).
-        start = time.monotonic()
+        # calls. Images already received and being decoded are waited for too (unless
+        # batch_wait_ms is 0: no waiting at all): while the model runs, the decoders get little
+        # CPU, and leaving without their images made batches of 4-28 where 32 were on their way
+        # (torch: a call on 4 images took as long as on 16). A job that would take the batch
+        # past max_batch waits for the next one, so every call has one of the compiled sizes.
+        start, waits = time.monotonic(), self.limits.batch_wait_ms > 0
         while size < self.limits.max_batch:
             elapsed = time.monotonic() - start
-            if self._decoding > 0 and elapsed < DECODING_WAIT_S:
-                timeout = 0.002  # poll: a decode that fails never arrives
-            else:
-                timeout = self.limits.batch_wait_ms / 1000 - elapsed
+            decoding = waits and self._decoding > 0 and elapsed < DECODING_WAIT_S
+            timeout = 0.002 if decoding else self.limits.batch_wait_ms / 1000 - elapsed  # poll: a failed decode never arrives
             try:
                 job = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
-                if self._decoding > 0 and elapsed < DECODING_WAIT_S:
+                if decoding:
                     continue
+                break
+            if size + len(job.images) > self.limits.max_batch:
+                self._held = job
                 break
             jobs.append(job)
             size += len(job.images)

@@ -82,6 +82,19 @@ def child_options(options: dict, run: Run, init_weights: Path) -> dict:
     return dict(options, **dict(run.levels), seed=run.seed, init_weights=str(init_weights))
 
 
+def changed_levels(run_dir: Path, options: dict, run: Run) -> list[str]:
+    """The options that define `run`'s cell (its levels, and its seed) on which the finished run
+    in `run_dir` differs from `options`: `name: recorded, not wanted`. Both sides are read as
+    `TrainConfig` reads them, so an option a run predates counts at its default."""
+    from training.config import TrainConfig
+
+    recorded = TrainConfig.from_record(json.loads((run_dir / "config.json").read_text())["options"])
+    wanted = TrainConfig.from_record(options)
+    names = [name for name, _ in run.levels] + ["seed"]
+    return [f"{n}: {getattr(recorded, n)!r}, not {getattr(wanted, n)!r}" for n in names
+            if getattr(recorded, n) != getattr(wanted, n)]
+
+
 def train_args(config_file: Path, out: Path, resume: bool = False) -> list[str]:
     """The `train` task of one run (`studies.worker`): its options come from `config_file` (a
     file, not a rebuilt flag list, so every option reaches the run as declared); `--resume`
@@ -414,6 +427,11 @@ def train_run(options: dict, run: Run, init_weights: Path, out_dir: Path, header
     interrupted one); returns the exit code."""
     run_dir = out_dir / "runs" / run.dirname
     if (run_dir / "metrics.json").exists():
+        changed = changed_levels(run_dir, child_options(options, run, init_weights), run)
+        if changed:  # e.g. a reproduce step whose definition grew since that run: its result would mislead
+            log(f"{header}: {run_dir} was trained with other values of this cell's options "
+                f"({', '.join(changed)}); not reused and left as it is: give another --out, or move it away")
+            return 2
         log(f"{header}: done earlier, reusing {run_dir}")
         return 0
     resume = _resumable(run_dir)  # interrupted after an epoch: go on from there

@@ -1,7 +1,7 @@
 """`reproduce`: the study's Keras-vs-PyTorch gap, one factor at a time.
 
 It trains the seed-keras recipe, then changes one factor at a time toward seed-pytorch
-(preprocessing, augmentation, BatchNorm momentum, architecture with its checkpoint), each
+(preprocessing, augmentation, BatchNorm momentum, Adam's epsilon, architecture with its checkpoint), each
 step keeping the changes before it, on every backend asked for and over several seeds. The
 last step is the seed-pytorch recipe. Each step's effect is the paired difference from the
 step before (same seed: same batch order; same starting file when the architecture did not
@@ -35,6 +35,7 @@ from studies.compare import (
     run_grid,
     run_test_accuracy,
 )
+from training.config import TORCHVISION_DECODE
 from training.recipes import recipe_options
 from training.rundir import atomic_write, write_json
 
@@ -62,6 +63,8 @@ READINGS: list[tuple[str, str, dict[str, Any]]] = [  # (cell name, what it reads
     ("reading-frozen", "feature extraction: backbone frozen", {"freeze": "backbone"}),
 ]
 READING_NAMES = {cell: what for cell, what, _ in READINGS}
+# Options given by the user that a reading cannot be read with (a frozen backbone has no top blocks to unfreeze).
+READING_CONFLICTS = {"reading-frozen": {"unfreeze_blocks", "head_epochs"}}
 RECIPE_READING = "caffe then rescale, every layer trains (the recipe's)"
 
 
@@ -78,8 +81,8 @@ def plan_steps(fixed: dict[str, Any]) -> list[Step]:
     e.g. --weights none or --image-size 64) hold on every step; a factor left with nothing to
     change is dropped (e.g. bn-momentum when the user fixes it)."""
     target = recipe_options(TARGET)
-    if "image_size" in fixed and "decode_size" not in fixed:  # the recipe's decode, in proportion
-        target["decode_size"] = torchvision_decode_size(fixed["image_size"])
+    if target.get("decode_size") == TORCHVISION_DECODE:  # in pixels, at the size the steps train at
+        target["decode_size"] = torchvision_decode_size(fixed.get("image_size", target["image_size"]))
     steps, changes = [Step(BASELINE, ())], {}
     for name, keys in FACTOR_STEPS:
         moved = {k: target[k] for k in keys if k not in fixed}
@@ -92,7 +95,8 @@ def plan_steps(fixed: dict[str, Any]) -> list[Step]:
 
 def plan_readings(fixed: dict[str, Any]) -> list[Step]:
     """The baseline under each other reading (those on an option the user fixed are left out)."""
-    return [Step(cell, tuple(changes.items())) for cell, _, changes in READINGS if not set(changes) & set(fixed)]
+    return [Step(cell, tuple(changes.items())) for cell, _, changes in READINGS
+            if not (set(changes) | READING_CONFLICTS.get(cell, set())) & set(fixed)]
 
 
 def step_options(options: dict[str, Any], fixed: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ def test_export_round_trips_or_says_what_is_missing(trained_run, demo_dir, tmp_p
     # Independently of the command's own check: the artifact, outside Keras, on other images.
     run = load_run(trained_run)
     images, _ = read_images(run, sorted(str(p) for p in (demo_dir / "Training" / "pituitary").iterdir())[:5])
+    assert (record["input"]["decode_size"], record["input"]["crop"]) == (run.image_size, "centre")
     inputs = normalize(images, record["input"]["preprocess"])
     if format == "onnx":
         import onnxruntime

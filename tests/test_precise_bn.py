@@ -9,6 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli import cli
+from tests.conftest import SMALL_MODEL_FLAGS
 from training.precise_bn import batchnorm_layers, recompute_batchnorm_statistics
 
 
@@ -79,14 +80,19 @@ def test_a_run_with_precise_bn_records_it_and_its_files_hold_the_recomputed_stat
 
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "1",
-                                      "--weights", "none", "--batch-size", "8", "--precise-bn", "2",
-                                      "--keep-checkpoints", "best", "--out", str(run), "--verbose", "0"])
+                                      "--weights", "none", "--batch-size", "8", "--precise-bn", "2", "--bn-train",
+                                      "--keep-checkpoints", "best", "--out", str(run), "--verbose", "0",
+                                      *SMALL_MODEL_FLAGS])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["precise_bn"] == {"batches": 2, "layers": 53, "epoch": 1}  # ResNet50's 53 BatchNorm layers
+    final, best = load_run(run), load_run(run, "best")
+    # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
+    every = [layer for layer in final.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert metrics["precise_bn"] == {"batches": 2, "layers": len(batchnorm_layers(final.model)), "epoch": 1,
+                                     "best": True}
+    assert metrics["precise_bn"]["layers"] == len(every) > 20
     assert json.loads((run / "config.json").read_text())["options"]["precise_bn"] == 2
     # One epoch: the best epoch is the last, so model.keras and best.weights.h5 hold the same statistics.
-    final, best = load_run(run), load_run(run, "best")
     for a, b in zip(final.model.weights, best.model.weights, strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
@@ -102,7 +108,8 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
         runs[momentum] = tmp_path / momentum
         result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "2",
                                           "--weights", "none", "--batch-size", "8", "--bn-momentum", momentum,
-                                          "--precise-bn", "3", "--out", str(runs[momentum]), "--verbose", "0"])
+                                          "--bn-train", "--precise-bn", "3", "--out", str(runs[momentum]),
+                                          "--verbose", "0", *SMALL_MODEL_FLAGS])
         assert result.exit_code == 0, result.output
     a, b = (load_run(r).model for r in runs.values())
     for va, vb in zip(a.weights, b.weights, strict=True):

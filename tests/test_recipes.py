@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from commands.common import NOT_REQUIRED, RECIPE
+from tests.conftest import SMALL_MODEL_FLAGS
 from training.config import TrainConfig
 from training.options import cli_fields, click_options, config_file_option
 from training.recipes import RECIPES, recipe_options
@@ -109,12 +110,12 @@ def test_adam_epsilon_default_is_keras_and_the_option_reaches_the_optimizer():
 
 
 def test_seed_pytorch_records_decode_size_interpolation_and_epsilon(demo_dir, tmp_path):
-    """What the recipe sets reaches config.json (a one-epoch run at 32 px: decode 37 px, in the
-    recipe's 256/224 proportion, given as the recipe's scaling advises)."""
+    """What the recipe sets reaches config.json (a one-epoch run at 32 px: the recipe's decode
+    size, torchvision's 256/224 proportion, becomes 37 px)."""
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--recipe", "seed-pytorch",
-                                      "--image-size", "32", "--decode-size", "37", "--weights", "none", "--epochs", "1",
-                                      "--arch", "keras-v1", "--out", str(run), "--verbose", "0"])
+                                      "--image-size", "32", "--weights", "none", "--epochs", "1",
+                                      "--out", str(run), "--verbose", "0", *SMALL_MODEL_FLAGS])
     assert result.exit_code == 0, result.output
     options = json.loads((run / "config.json").read_text())["options"]
     assert (options["decode_size"], options["rotate_interpolation"], options["adam_epsilon"],
@@ -133,7 +134,7 @@ def test_seed_pytorch_records_decode_size_interpolation_and_epsilon(demo_dir, tm
     (["--image-size", "64", "--decode-size", "48"], "smaller than --image-size 64"),
     (["--image-size", "64", "--decode-size", "200"], "at most 128 (torchvision's 256/224 at this size: --decode-size 73)"),
     (["--image-size", "64", "--decode-size", "80", "--augment", "keras-generator"], "ImageDataGenerator"),
-    (["--recipe", "seed-pytorch", "--image-size", "64"], "--decode-size 73"),
+    (["--image-size", "64", "--decode-size", "wide"], "not a whole number of pixels or one of torchvision"),
 ])
 def test_decode_sizes_that_cannot_work_are_one_line_before_any_run(demo_dir, tmp_path, flags, message):
     result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--weights", "none",

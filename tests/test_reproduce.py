@@ -22,6 +22,7 @@ from studies.reproduce import (
     step_options,
 )
 from tests.conftest import ROOT, active_backend, cli_env
+from training.config import TrainConfig
 from training.recipes import recipe_options
 from training.rundir import PREDICTIONS_FILE, write_csv
 
@@ -35,6 +36,7 @@ def test_the_steps_change_every_option_in_which_the_two_recipes_differ_and_end_a
     assert [s.name for s in steps] == [BASELINE, *(name for name, _ in FACTOR_STEPS)]
     assert steps[0].changes == ()
     last = {**baseline, **dict(steps[-1].changes)}
+    target["decode_size"] = TrainConfig(data_dir="d", **target).decode_size  # "torchvision", in pixels: 256
     assert {k: last[k] for k in differing} == {k: target[k] for k in differing}
     # Each step keeps the changes of the ones before it and adds its own.
     for before, after in itertools.pairwise(steps):
@@ -108,23 +110,25 @@ def test_compare_reports_the_backend_effect_with_a_verdict(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(active_backend() != "torch", reason="one subprocess per step; runs once, in the torch pass")
 def test_reproduce_runs_every_step_offline_and_writes_its_report(demo_dir, tmp_path):
-    """The command end to end on the demo data: one backend, one seed, 32 px, one epoch."""
+    """The command end to end on the demo data: one backend, one seed, 32 px, one epoch; the
+    BatchNorm momentum and Adam's epsilon fixed, so four steps run (what the others change is
+    checked by the planning tests above)."""
     backend = active_backend()
     out = tmp_path / "rep"
+    fixed = {"weights": "none", "image_size": 32, "epochs": 1, "bn_momentum": 0.9, "adam_epsilon": 1e-8}
     command = [sys.executable, str(ROOT / "cli.py"), "reproduce", "--data-dir", str(demo_dir), "--image-size", "32",
-               "--epochs", "1", "--weights", "none", "--batch-size", "8", "--seeds", "0", "--backends", backend,
-               "--verbose", "0", "--out", str(out)]
+               "--epochs", "1", "--weights", "none", "--batch-size", "8", "--bn-momentum", "0.9", "--adam-epsilon",
+               "1e-8", "--seeds", "0", "--backends", backend, "--verbose", "0", "--out", str(out)]
     result = subprocess.run(command, env=cli_env(backend), capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "reproduce.json").read_text())
     names = [s["name"] for s in report["steps"]]
-    assert names == [s.name for s in plan_steps({"weights": "none", "image_size": 32, "epochs": 1})]
+    assert names == [s.name for s in plan_steps(fixed)] == [BASELINE, "preprocess", "augment", "checkpoint"]
     assert len(report["runs"]) == len(names) and not report["failures"]
     for run in report["runs"]:
         config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
         step = next(s for s in report["steps"] if s["name"] == run["cell"])
-        for key, value in {**recipe_options(BASELINE), "weights": "none", "image_size": 32, "epochs": 1, "batch_size": 8,
-                           **step["changes"]}.items():
+        for key, value in {**recipe_options(BASELINE), **fixed, "batch_size": 8, **step["changes"]}.items():
             assert config["options"][key] == value, (run["cell"], key)
     text = (out / "reproduce.md").read_text()
     assert "McNemar p=" in text and (out / "waterfall.png").stat().st_size > 10_000
@@ -176,3 +180,29 @@ def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_c
                - (caffe["accuracy"].mean + caffe["first_step"]["interval"].mean)) < 1e-9  # the same step runs
     text = "\n".join(format_readings(rows, steps[1].name))
     assert "read other ways" in text and "preprocess_input alone (caffe)" in text and "preprocess step" in text
+
+
+def test_a_finished_run_of_a_cell_whose_definition_changed_is_not_reused(tmp_path):
+    """A reproduce folder from before a step grew (the augment step now also sets the torchvision
+    steps and a decode size): its old run of that cell differs, the others still fit."""
+    from studies.compare import Run, changed_levels, child_options
+
+    steps = plan_steps({"weights": "none", "image_size": 32})
+    shared = step_options({"data_dir": str(tmp_path), "weights": "none", "image_size": 32}, {"weights": "none"})
+    augment = next(s for s in steps if s.name == "augment")
+    run = Run("torch", augment.changes, 0, label=augment.name)
+    wanted = child_options(shared, run, tmp_path / "start.weights.h5")
+    old = {k: v for k, v in wanted.items() if k not in ("augment_steps", "rotate_interpolation", "decode_size")}
+    (tmp_path / "config.json").write_text(json.dumps({"options": old}))
+    changed = changed_levels(tmp_path, wanted, run)
+    assert [c.split(":")[0] for c in changed] == ["augment_steps", "rotate_interpolation", "decode_size"]
+    assert "'fused', not 'torchvision'" in changed[0]
+    recorded = dataclasses_asdict(TrainConfig.from_record(wanted))
+    (tmp_path / "config.json").write_text(json.dumps({"options": recorded}))
+    assert changed_levels(tmp_path, wanted, run) == []  # the same definition: reused
+
+
+def dataclasses_asdict(config) -> dict:
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

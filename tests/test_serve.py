@@ -322,3 +322,20 @@ def test_a_decode_that_never_arrives_holds_a_batch_only_so_long(monkeypatch):
         answer.result(10)
         assert 0.15 < time.monotonic() - start < 5
     assert run.calls == [1]
+
+
+def test_a_job_that_would_overfill_a_batch_waits_for_the_next_and_zero_wait_means_none():
+    run = _CountingRun()
+    worker = InferenceWorker(run, Limits(batch_wait_ms=200, max_batch=32))
+    with worker.decoding(40):
+        answers = [worker.submit(np.zeros((20, 8, 8, 3), np.uint8)) for _ in range(2)]
+    for answer in answers:
+        assert answer.result(10)[0].shape == (20, 4)
+    assert run.calls == [24, 24]  # not one call of 40 padded to 64, a size warm_up never compiled
+    eager = _CountingRun()
+    worker = InferenceWorker(eager, Limits(batch_wait_ms=0))
+    with worker.decoding(1):  # an upload still decoding is not waited for either
+        start = time.monotonic()
+        worker.submit(np.zeros((1, 8, 8, 3), np.uint8)).result(10)
+        assert time.monotonic() - start < 0.5
+    assert eager.calls == [1]

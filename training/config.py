@@ -28,7 +28,7 @@ from data.discovery import DatasetError, Splits, make_splits
 from errors import UserInputError
 from model.spec import ARCHS, CUTS, FREEZE_MODES, IMAGE_SIZE, MODELS, NO_FREEZE, PRECISIONS, ModelSpec
 from model.weights import check_weights_file, resolve_arch, resolve_backbone_weights
-from training.options import FloatPair, PositiveFloat, option
+from training.options import FloatPair, PositiveFloat, SizeOrName, option
 from training.rundir import claim_run_dir, reopen_run_dir
 
 SCHEDULES = ("constant", "cosine")  # learning rate over the last phase, after any warmup
@@ -42,6 +42,7 @@ DATA, MODEL, OPTIMIZATION, AUGMENTATION, RUN = "Data", "Model", "Optimization", 
 # model's from model.spec (`ModelSpec`'s fields, `IMAGE_SIZE`, `NO_FREEZE`). tests/test_defaults.py
 # fails when a copy drifts.
 _AUGMENT = AugmentConfig()
+TORCHVISION_DECODE = "torchvision"  # --decode-size in torchvision's reference proportion (data.augment)
 # --decode-size at most this times --image-size: a centre crop of less than half the side drops
 # most of the image (a recipe's 256 px decode left at --image-size 64 would keep its centre 25%).
 MAX_DECODE_RATIO = 2
@@ -64,11 +65,13 @@ class TrainConfig:
                            "--config or --resume supplies it.",
                            type=click.Path(), group=DATA)
     image_size: int = option(IMAGE_SIZE, "Square input side in pixels.", type=click.IntRange(32, 1024), group=DATA)
-    decode_size: int | None = option(None, "Decode (and cache) images at this side, at least --image-size: "
-                                     "training crops from it and resizes each crop to --image-size; evaluation "
-                                     "takes the centre --image-size square, as torchvision's reference recipe "
-                                     "(Resize 256, CenterCrop 224). Default: --image-size.",
-                                     type=click.IntRange(32, 2048), group=DATA)
+    decode_size: int | str | None = option(None, "Decode (and cache) images at this side, at least --image-size: "
+                                           "training crops from it and resizes each crop to --image-size; "
+                                           "evaluation takes the centre --image-size square, as torchvision's "
+                                           "reference recipe (Resize 256, CenterCrop 224). torchvision: that "
+                                           "proportion at any --image-size (256 at 224, 73 at 64). Default: "
+                                           "--image-size.", type=SizeOrName(32, 2048, (TORCHVISION_DECODE,)),
+                                           group=DATA)
     batch_size: int = option(BATCH_SIZE, "Images per training step (and per evaluation batch).", type=click.IntRange(1), group=DATA)
     preprocess: str = option("caffe", "caffe: BGR minus ImageNet mean, 0-255 (Keras ImageNet weights); "
                              "imagenet: x/255 then mean/std (torchvision); caffe-rescaled: caffe then x/255 "
@@ -185,6 +188,12 @@ class TrainConfig:
                           group=RUN)
     runs_root: str = "runs"
     recipe: str | None = None  # the --recipe whose options this run started from (training.recipes)
+
+    def __post_init__(self) -> None:
+        # `--decode-size torchvision` (seed-pytorch's) becomes its size for this run's input, so
+        # config.json records pixels and a recipe keeps its proportion at any --image-size.
+        if self.decode_size == TORCHVISION_DECODE:
+            self.decode_size = torchvision_decode_size(self.image_size)
 
     @classmethod
     def from_record(cls, options: dict, **changes) -> TrainConfig:

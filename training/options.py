@@ -71,6 +71,27 @@ class FloatPair(click.ParamType):
         return (low, high)
 
 
+class SizeOrName(click.ParamType):
+    """A side in pixels within `[low, high]`, or one of `names` (a size another option decides)."""
+
+    def __init__(self, low: int, high: int, names: tuple[str, ...]) -> None:
+        self.low, self.high, self.names = low, high, names
+        self.name = f"{low}-{high}|{'|'.join(names)}"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high):
+            return value
+        if str(value).strip().lower() in self.names:
+            return str(value).strip().lower()
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number of pixels or one of {', '.join(self.names)}", param, ctx)
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is not in the range {self.low}-{self.high}", param, ctx)
+        return number
+
+
 class PositiveFloat(click.ParamType):
     """A finite number above zero (a learning rate: nan, inf, 0 and negatives are refused here,
     not found out as a diverged run)."""

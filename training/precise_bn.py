@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import keras
 import numpy as np
 
+from backend.gradients import training_forward
+
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     """The BatchNormalization layers of `model` (nested models included) that train on batch statistics."""
@@ -43,7 +45,7 @@ def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[np.ndar
             used += 1
             for layer in layers:
                 layer.momentum = (used - 1) / used  # batch 1 replaces the old average; batch k weighs 1/k
-            model(images, training=True)
+            training_forward(model, images)
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum

@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from data.augment import torchvision_decode_size
-from training.config import TrainConfig
+from training.config import TORCHVISION_DECODE, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +32,16 @@ TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam's default
 RECIPES: dict[str, Recipe] = {
     # The study's PyTorch recipe, as this project reconstructs it: torchvision's transforms, run as
     # torchvision runs them (the crop from a decode at 256 px, resized with antialiasing to 224;
-    # evaluation on the centre 224 of the 256, as torchvision's reference recipe; rotation with
-    # nearest-neighbour sampling), torch.optim.Adam's epsilon, and torchvision's pretrained ResNet50.
+    # evaluation on the centre 224 of the 256, as torchvision's reference recipe, in that
+    # proportion at another --image-size; rotation with nearest-neighbour sampling),
+    # torch.optim.Adam's epsilon, and torchvision's pretrained ResNet50.
     "seed-pytorch": Recipe(
         "the study's PyTorch recipe: RandomResizedCrop from a 256 px decode (evaluation: its centre 224) + flip + "
         "rotation (nearest), each step as torchvision runs it, x/255 then ImageNet mean/std, torchvision's ResNet50 "
         "v1.5 and ImageNet weights, BatchNorm momentum 0.9, Adam 1e-4 with epsilon 1e-8, 10 epochs, 224 px",
         {
             "augment": "standard", "augment_steps": "torchvision", "rotate_interpolation": "nearest",
-            "decode_size": torchvision_decode_size(TrainConfig.image_size), "preprocess": "imagenet", "arch": "torchvision-v1.5",
+            "decode_size": TORCHVISION_DECODE, "preprocess": "imagenet", "arch": "torchvision-v1.5",
             "weights": "torchvision", "bn_momentum": 0.9, "adam_epsilon": TORCH_ADAM_EPSILON, **STUDY_SCHEDULE,
         },
     ),

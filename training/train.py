@@ -402,14 +402,19 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     """model.keras (the final weights), the metrics of the final and the best epoch's weights
     in metrics.json, and the results table in the log."""
     checkpoints, _, train_batches = trained
-    precise = _precise_batchnorm(model, cfg, train_batches, log)
+    with _out_of_memory_stops_the_run(checkpoints, cfg):
+        precise = _precise_batchnorm(model, cfg, train_batches, log)
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
         load_model_weights(model, run_dir / BEST)
-        if precise:  # the best epoch's weights get theirs too; the file keeps them, so --checkpoint best agrees
+        if precise and checkpoints.best_epoch > sum(p.epochs for p in phases[:-1]):
+            # The best epoch's weights get theirs too (from the last phase only: an earlier phase's
+            # weights were fitted with other layers on their moving statistics), and the file keeps
+            # them, so --checkpoint best agrees with metrics.json.
             _precise_batchnorm(model, cfg, train_batches, log)
             save_weights(model, run_dir / BEST, checkpoint_state(run_dir / BEST), with_optimizer=False)
+            precise["best"] = True
         best, best_predicted = _evaluate(model, data, cfg)
     if final_predicted is not None:
         write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
@@ -442,7 +447,7 @@ def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIB
     images = (x for x, _ in iterate_epoch(train_batches, epoch, limit=cfg.precise_bn))
     used, layers = recompute_batchnorm_statistics(model, images)
     log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
-    return {"batches": used, "layers": layers, "epoch": epoch}
+    return {"batches": used, "layers": layers, "epoch": epoch, "best": False}
 
 
 def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,
