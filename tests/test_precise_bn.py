@@ -75,32 +75,10 @@ def test_no_batches_change_nothing():
         np.testing.assert_array_equal(old, np.array(new))
 
 
-def test_a_run_with_precise_bn_records_it_and_its_files_hold_the_recomputed_statistics(demo_dir, tmp_path):
-    from inference.run import load_run
-
-    run = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "1",
-                                      "--weights", "none", "--batch-size", "8", "--precise-bn", "2", "--bn-train",
-                                      "--keep-checkpoints", "best", "--out", str(run), "--verbose", "0",
-                                      *SMALL_MODEL_FLAGS])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((run / "metrics.json").read_text())
-    final, best = load_run(run), load_run(run, "best")
-    # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
-    every = [layer for layer in final.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    assert metrics["precise_bn"] == {"batches": 2, "layers": len(batchnorm_layers(final.model)), "epoch": 1,
-                                     "best": True}
-    assert metrics["precise_bn"]["layers"] == len(every) > 20
-    assert json.loads((run / "config.json").read_text())["options"]["precise_bn"] == 2
-    # One epoch: the best epoch is the last, so model.keras and best.weights.h5 hold the same statistics.
-    for a, b in zip(final.model.weights, best.model.weights, strict=True):
-        np.testing.assert_array_equal(np.array(a), np.array(b))
-
-
 def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(demo_dir, tmp_path):
     """`reproduce`'s bn-momentum step: the momentum changes only the moving averages, so its two
     arms train the same weights; with --precise-bn the statistics come from the same batches
-    through those weights, and the two score alike."""
+    through those weights, and the two score alike. Also what the run records and keeps."""
     from inference.run import load_run
 
     runs = {}
@@ -111,6 +89,18 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
                                           "--bn-train", "--precise-bn", "3", "--out", str(runs[momentum]),
                                           "--verbose", "0", *SMALL_MODEL_FLAGS])
         assert result.exit_code == 0, result.output
+    run = runs["0.99"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    final, best = load_run(run), load_run(run, "best")
+    # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
+    every = [layer for layer in final.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert metrics["precise_bn"] == {"batches": 3, "layers": len(batchnorm_layers(final.model)), "epoch": 2,
+                                     "best": True}
+    assert metrics["precise_bn"]["layers"] == len(every) > 20
+    assert json.loads((run / "config.json").read_text())["options"]["precise_bn"] == 3
+    if metrics["best"]["epoch"] == 2:  # the best epoch is the last: model.keras and best.weights.h5 agree
+        for x, y in zip(final.model.weights, best.model.weights, strict=True):
+            np.testing.assert_array_equal(np.array(x), np.array(y))
     a, b = (load_run(r).model for r in runs.values())
     for va, vb in zip(a.weights, b.weights, strict=True):
         np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-5, atol=1e-6, err_msg=va.path)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from commands.common import NOT_REQUIRED, RECIPE
-from tests.conftest import SMALL_MODEL_FLAGS
+from tests.conftest import SMALL_MODEL_FLAGS, active_backend
 from training.config import TrainConfig
 from training.options import cli_fields, click_options, config_file_option
 from training.recipes import RECIPES, recipe_options
@@ -109,6 +109,8 @@ def test_adam_epsilon_default_is_keras_and_the_option_reaches_the_optimizer():
     assert phase_optimizer(phase, 0.1, model.trainable_variables).epsilon == 1e-8
 
 
+@pytest.mark.skipif(active_backend() != "torch", reason="what config.json records does not depend on the backend; "
+                    "runs once, in the torch pass")
 def test_seed_pytorch_records_decode_size_interpolation_and_epsilon(demo_dir, tmp_path):
     """What the recipe sets reaches config.json (a one-epoch run at 32 px: the recipe's decode
     size, torchvision's 256/224 proportion, becomes 37 px)."""
