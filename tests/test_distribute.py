@@ -199,7 +199,7 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
     from data.loader import MRIBatches
     from model import build_model
     from training.config import TrainConfig
-    from training.losses import training_loss
+    from training.schedule import training_loss
     from training.train import training_batches
 
     cfg = TrainConfig(data_dir=data_dir, image_size=32, batch_size=8, augment="none", dropout=0.0, workers=0,

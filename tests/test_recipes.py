@@ -67,7 +67,7 @@ def test_an_unknown_recipe_is_refused_with_the_names():
 
 
 def test_label_smoothing_matches_keras_one_hot_cross_entropy_on_this_backend():
-    from training.losses import SmoothedSparseCrossentropy, training_loss
+    from training.schedule import SmoothedSparseCrossentropy, training_loss
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 4)).astype("float32") * 3

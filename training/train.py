@@ -46,7 +46,6 @@ from training.callbacks import (
     weights_nbytes,
 )
 from training.config import Preflight, TrainConfig, preflight
-from training.losses import training_loss
 from training.metrics import classification_report, format_table, result_rows, results_row
 from training.precise_bn import recompute_batchnorm_statistics
 from training.resume import reconcile_run_dir
@@ -64,7 +63,14 @@ from training.rundir import (
     write_csv,
     write_json,
 )
-from training.schedule import Phase, carry_optimizer_state, phase_learning_rate, phase_optimizer, plan_phases
+from training.schedule import (
+    Phase,
+    carry_optimizer_state,
+    phase_learning_rate,
+    phase_optimizer,
+    plan_phases,
+    training_loss,
+)
 from training.stability import StabilityMonitor
 
 
