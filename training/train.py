@@ -120,13 +120,20 @@ def scanned_training_batches(cfg: TrainConfig, examples: list[Example] | None = 
     return training_batches(cfg, examples, cache)
 
 
+def evaluation_batches(cfg: TrainConfig, examples: list[Example], cache: DecodedCache | None,
+                       batch_size: int | None = None, workers: int | None = None) -> MRIBatches:
+    """Unaugmented batches in file order, as the run's evaluation sees its images (decoded at
+    the decode size, then the centre crop): one place, so no evaluation forgets the decode size."""
+    return MRIBatches(examples, cfg.image_size, cfg.batch_size if batch_size is None else batch_size, cfg.preprocess,
+                      cache=cache, workers=cfg.workers if workers is None else workers, decode_size=cfg.decoded_size)
+
+
 def probe_batch(cfg: TrainConfig, examples: list[Example], cache) -> tuple[np.ndarray, np.ndarray]:
     """The stability log's fixed batch: up to `batch_size` training images spread over the
     split (so over the classes), not augmented."""
     picks = np.linspace(0, len(examples) - 1, min(cfg.batch_size, len(examples))).astype(int)
     chosen = [examples[i] for i in picks]
-    return MRIBatches(chosen, cfg.image_size, len(chosen), cfg.preprocess, cache=cache, workers=0,
-                      decode_size=cfg.decoded_size).batch(0, 0)
+    return evaluation_batches(cfg, chosen, cache, batch_size=len(chosen), workers=0).batch(0, 0)
 
 
 def fit_phases(
@@ -236,10 +243,7 @@ def _describe_blocks(blocks: list[str], requested: int | None) -> str:
 
 
 def _predict(model: keras.Model, examples: list[Example], cfg: TrainConfig, cache) -> tuple[np.ndarray, np.ndarray]:
-    batches = MRIBatches(
-        examples, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=cache, workers=cfg.workers,
-        decode_size=cfg.decoded_size,
-    )
+    batches = evaluation_batches(cfg, examples, cache)
     logits = distribute.predict(model, batches, len(examples))  # on every replica
     return np.asarray(logits, dtype=np.float32), batches.labels
 
@@ -380,9 +384,7 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
     resumed run's); raises `DivergedError` when the loss became non-finite."""
     train_batches = training_batches(cfg, data.train, data.cache)
     val_batches = (
-        MRIBatches(data.val, cfg.image_size, cfg.batch_size, cfg.preprocess, cache=data.cache, workers=cfg.workers,
-                   decode_size=cfg.decoded_size)
-        if data.val else None
+        evaluation_batches(cfg, data.val, data.cache) if data.val else None
     )
     guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state,
                                                   run_id)
@@ -408,17 +410,18 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     """model.keras (the final weights), the metrics of the final and the best epoch's weights
     in metrics.json, and the results table in the log."""
     checkpoints, _, train_batches = trained
+    trained_epochs = sum(p.epochs for p in phases)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
-        precise = _precise_batchnorm(model, cfg, train_batches, log)
+        precise = _precise_batchnorm(model, cfg, train_batches, trained_epochs, log)
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
         load_model_weights(model, run_dir / BEST)
-        if precise and checkpoints.best_epoch > sum(p.epochs for p in phases[:-1]):
+        if precise and checkpoints.best_epoch > trained_epochs - phases[-1].epochs:
             # The best epoch's weights get theirs too (from the last phase only: an earlier phase's
             # weights were fitted with other layers on their moving statistics), and the file keeps
             # them, so --checkpoint best agrees with metrics.json.
-            _precise_batchnorm(model, cfg, train_batches, log)
+            _precise_batchnorm(model, cfg, train_batches, trained_epochs, log)
             save_weights(model, run_dir / BEST, checkpoint_state(run_dir / BEST), with_optimizer=False)
             precise["best"] = True
         best, best_predicted = _evaluate(model, data, cfg)
@@ -443,13 +446,12 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     return metrics
 
 
-def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIBatches,
+def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIBatches, epoch: int,
                        log: Callable[[str], None]) -> dict | None:
-    """`--precise-bn N`: the moving statistics from the first N batches of the epoch after the
+    """`--precise-bn N`: the moving statistics from the first N batches of epoch `epoch`, the one after the
     last (the pipeline's own, augmented as in training, the same bytes on every backend)."""
     if not cfg.precise_bn:
         return None
-    epoch = sum(p.epochs for p in plan_phases(cfg))
     images = (x for x, _ in iterate_epoch(train_batches, epoch, limit=cfg.precise_bn))
     used, layers = recompute_batchnorm_statistics(model, images)
     log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
