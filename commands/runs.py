@@ -28,16 +28,25 @@ from training.options import (
 @data_dir_option("Dataset folder (default: the run's own).")
 @click.option("--split", default="test", show_default=True, help="test, val or train: the run's own split, rebuilt from its options; or a split folder of --data-dir, e.g. Testing.")
 @CHECKPOINT
+@click.option("--precise-bn", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              help="First recompute every trainable BatchNorm layer's moving statistics from N of the run's training "
+                   "batches, as `train --precise-bn N` does after its last epoch (in memory: the run's files are not "
+                   "changed); writes eval-<split>-<backend>-precise-bn<N>.json. 0: off.")
 @click_options(TrainConfig, ["batch_size", "workers"])
 @user_errors
-def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, batch_size: int, workers: int) -> None:
+def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, precise_bn: int, batch_size: int,
+             workers: int) -> None:
     """Score a trained run on a labelled split under the active backend; writes eval-<split>-<backend>.json."""
-    from inference.evaluate import evaluate_run
+    from inference.evaluate import evaluate_run, precise_batchnorm
     from inference.run import load_run, split_examples
 
     run = load_run(run_dir, checkpoint)
     examples, source = split_examples(run, data_dir, split)
-    evaluate_run(run, examples, split, source, batch_size, workers, log=click.echo)
+    recomputed = precise_batchnorm(run, data_dir, precise_bn, workers) if precise_bn else None
+    if recomputed:
+        click.echo(f"Precise BatchNorm: {recomputed['layers']} layers' moving statistics recomputed from "
+                   f"{recomputed['batches']} training batches (of the epoch after the last, as in training)")
+    evaluate_run(run, examples, split, source, batch_size, workers, log=click.echo, precise_bn=recomputed)
 
 
 @click.command()

@@ -128,9 +128,14 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
 @click.option("--readings/--no-readings", default=False, show_default=True, cls=GroupedOption, group="Comparison",
               help="Also train the baseline under the other readings of the study's Keras text (caffe only, rescale "
                    "only, backbone frozen) and write the readings table.")
+@click.option("--rescore-precise-bn", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              cls=GroupedOption, group="Comparison",
+              help="Also score every step's runs with BatchNorm statistics recomputed from N training batches "
+                   "(`evaluate --precise-bn N`: the scores of runs trained with --precise-bn N, without training "
+                   "again) and write the table before and after. 0: off.")
 @config_file_option(TrainConfig)
 @user_errors
-def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
+def reproduce(backends, seeds, readings, rescore_precise_bn, out, config_file, **options) -> None:
     """The study's gap, one factor at a time: seed-keras, then each factor changed toward seed-pytorch.
 
     Steps: preprocessing, augmentation (as torchvision runs it), BatchNorm momentum, Adam's epsilon,
@@ -148,12 +153,15 @@ def reproduce(backends, seeds, readings, out, config_file, **options) -> None:
              if ctx.get_parameter_source(name) in (click.core.ParameterSource.COMMANDLINE,
                                                    click.core.ParameterSource.DEFAULT_MAP)}
     given.pop("recipe", None)
+    if rescore_precise_bn and options["precise_bn"]:
+        raise click.UsageError("--rescore-precise-bn scores runs trained without --precise-bn again; give one of them")
     _check_reproduce_options(options, given, readings)
     splits = make_splits(options["data_dir"], options["val_split"], options["test_split"], options["split_seed"])
     if not splits.test:  # every effect is a difference in test accuracy
         raise UserError(f"{options['data_dir']} has no Testing/ folder: give --test-split (e.g. 0.2) to hold out a test set")
     _grid_command("reproduce", out, ("reproduce.md", "reproduce.json", "waterfall.png", "curves.png"), lambda out_dir: run_reproduce(
-        options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo, readings=readings))
+        options, given, backends, seeds, out_dir, len(splits.classes), log=click.echo, readings=readings,
+        rescore_precise_bn=rescore_precise_bn))
 
 
 def _check_reproduce_options(options: dict, fixed: dict, readings: bool) -> None:

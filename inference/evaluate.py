@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 
 from data import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example
-from data.loader import MRIBatches, scan_examples
+from data.loader import MRIBatches, iterate_epoch, scan_examples
 from inference.run import TrainedRun
 from markdown_tables import markdown_table
 from training.metrics import classification_report, softmax
@@ -41,21 +42,53 @@ def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int 
     return report
 
 
-def evaluation_path(run: TrainedRun, split: str) -> Path:
-    """`eval-<split>-<backend>.json` in the run directory (`-best`/`-last` for those weights)."""
+def precise_batchnorm(run: TrainedRun, data_dir: str | Path | None, batches: int, workers: int = WORKERS) -> dict:
+    """`evaluate --precise-bn N`: what `train --precise-bn N` does after its last epoch, done to a
+    finished run's weights in memory (the files are not changed): every trainable BatchNorm layer's
+    moving statistics recomputed from the first N batches of the epoch after the last, from the
+    run's own training split and augmentation rebuilt from its config.json. Training with the
+    option changes nothing before that point, so a run scored this way scores as if trained with it."""
+    from inference.run import RunError, split_examples
+    from training.config import TrainConfig
+    from training.precise_bn import recompute_batchnorm_statistics
+    from training.resume import recorded_data_dir
+    from training.train import scanned_training_batches
+
+    epochs = sum(int(p["epochs"]) for p in run.config["phases"])
+    if run.checkpoint == "best":  # as train does: an earlier phase's weights were fitted with other layers frozen
+        best = int(json.loads((run.run_dir / "metrics.json").read_text())["best"]["epoch"])
+        if best <= epochs - int(run.config["phases"][-1]["epochs"]):
+            raise RunError(f"the best epoch ({best}) is from an earlier phase than the last: its BatchNorm layers "
+                           f"were fitted on their moving statistics, and --precise-bn leaves them (train does too)")
+    data_dir = str(data_dir or recorded_data_dir(run.config))
+    cfg = TrainConfig.from_record(run.options, data_dir=data_dir, workers=workers, verbose=0)
+    examples, _ = split_examples(run, data_dir, "train")
+    train_batches = scanned_training_batches(cfg, examples)
+    images = (x for x, _ in iterate_epoch(train_batches, epochs, limit=batches))
+    used, layers = recompute_batchnorm_statistics(run.model, images)
+    return {"batches": used, "layers": layers, "epoch": epochs}
+
+
+def evaluation_path(run: TrainedRun, split: str, precise_bn: int = 0) -> Path:
+    """`eval-<split>-<backend>.json` in the run directory (`-best`/`-last` for those weights,
+    `-precise-bn<N>` with recomputed BatchNorm statistics)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split.strip("/")) or "split"
     suffix = "" if run.checkpoint == "final" else f"-{run.checkpoint}"
+    suffix += f"-precise-bn{precise_bn}" if precise_bn else ""
     return run.run_dir / f"eval-{name}-{keras.backend.backend()}{suffix}.json"
 
 
 def evaluate_run(run: TrainedRun, examples: list[Example], split: str, source: str,
-                 batch_size: int = BATCH_SIZE, workers: int = WORKERS, log: Callable[[str], None] = print) -> dict:
-    """Evaluates, writes the JSON file and prints the table; returns the report."""
+                 batch_size: int = BATCH_SIZE, workers: int = WORKERS, log: Callable[[str], None] = print,
+                 precise_bn: dict | None = None) -> dict:
+    """Evaluates, writes the JSON file and prints the table; returns the report. `precise_bn`:
+    what `precise_batchnorm` did to the weights first (recorded, and named in the file's name)."""
     log(f"Evaluating {run.run_dir} ({run.checkpoint} weights) on {len(examples)} images of {source} "
         f"under {keras.backend.backend()}")
     report = {"split": split, "source": source, "backend": keras.backend.backend(), "checkpoint": run.checkpoint,
+              "run_id": run.config.get("run_id"), "precise_bn": precise_bn,
               **evaluate_examples(run, examples, batch_size, workers)}
-    path = evaluation_path(run, split)
+    path = evaluation_path(run, split, precise_bn["batches"] if precise_bn else 0)
     write_json(path, report)
     for item in report["skipped"]:
         log(f"  skipped {item['path']}: {item['reason']}")

@@ -165,7 +165,10 @@ def run_test_accuracy(result: dict) -> float:
 
 
 def correct_answers(result: dict) -> np.ndarray | None:
-    """Per test image: did the final weights get it right (None when the run did not write it)."""
+    """Per test image: did the final weights get it right (None when the run did not write it);
+    a rescored result (`studies.reproduce.rescored_results`) carries its own."""
+    if "correct" in result:
+        return result["correct"]
     rows = read_csv_rows(Path(result["run_dir"]) / PREDICTIONS_FILE) if result.get("run_dir") else []
     return np.array([r["label"] == r["final"] for r in rows]) if rows else None
 

@@ -16,6 +16,8 @@ finished, resumed when interrupted.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from data.augment import torchvision_decode_size
 from markdown_tables import markdown_table
 from studies import stats
 from studies.compare import (
+    CompareError,
     Run,
     comparison_cell,
     comparison_noise,
@@ -35,6 +38,7 @@ from studies.compare import (
     run_grid,
     run_test_accuracy,
 )
+from studies.processes import in_process
 from training.config import TORCHVISION_DECODE
 from training.recipes import recipe_options
 from training.rundir import atomic_write, write_json
@@ -174,8 +178,97 @@ def format_readings(rows: list[dict], first_step: str | None) -> list[str]:
             markdown_table(header, table, "llrr"), ""]
 
 
+def rescored_path(result: dict, batches: int) -> Path:
+    """Where `evaluate --precise-bn N` writes a run's rescored test evaluation."""
+    return Path(result["run_dir"]) / f"eval-test-{result['backend']}-precise-bn{batches}.json"
+
+
+def _rescored_report(result: dict, batches: int) -> dict | None:
+    """The run's rescored evaluation, if one was written for this very run (its run_id)."""
+    path = rescored_path(result, batches)
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
+    return report if report.get("run_id") == config.get("run_id") else None
+
+
+def rescored_results(results: list[dict], backends: tuple[str, ...], batches: int,
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """`--rescore-precise-bn N`: each run's final weights scored again on its test split with every
+    trainable BatchNorm layer's moving statistics recomputed from N of its training batches
+    (`evaluate --precise-bn N`, one process per backend; reused when done earlier). Training with
+    `--precise-bn N` changes nothing before that point, so these are the scores such runs get
+    (tests/test_precise_bn.py checks it). Returns the results with those scores."""
+    for backend in backends:
+        todo = [r["run_dir"] for r in results if r["backend"] == backend and _rescored_report(r, batches) is None]
+        if todo:
+            log(f"Rescoring {len(todo)} {backend} runs with precise BatchNorm ({batches} batches)")
+            if in_process(backend, "rescore", str(batches), *todo).returncode:
+                raise CompareError(f"rescoring with precise BatchNorm failed on {backend} (its output is above)")
+    rescored = []
+    for result in results:
+        report = _rescored_report(result, batches)
+        if report is None:
+            raise CompareError(f"{rescored_path(result, batches)} was not written")
+        rescored.append({**result, "row": {**result["row"], "Test Accuracy": report["accuracy"],
+                                           "Test Loss": report["loss"]},
+                         "correct": np.array([p["label"] == p["predicted"] for p in report["predictions"]])})
+    return rescored
+
+
+def per_seed_step_effects(results: list[dict], steps: list[Step], backends: tuple[str, ...]) -> dict:
+    """{(step, backend): {seed: that step's test accuracy minus the step before's}}."""
+    accuracy = {(r["cell"], r["backend"], r["seed"]): run_test_accuracy(r) for r in results}
+    effects = {}
+    for before, step in itertools.pairwise(steps):
+        for backend in backends:
+            effects[(step.name, backend)] = {
+                seed: accuracy[(step.name, backend, seed)] - accuracy[(before.name, backend, seed)]
+                for (cell, b, seed) in accuracy if cell == step.name and b == backend
+                and (before.name, backend, seed) in accuracy}
+    return effects
+
+
+def precise_bn_table(before: list[dict], after: list[dict], steps: list[Step], backends: tuple[str, ...]) -> list[dict]:
+    """Per step and backend: test accuracy and the step's effect (with its interval, and per
+    seed) as trained, and with the BatchNorm statistics recomputed."""
+    tables = [decompose(results, steps, backends)["rows"] for results in (before, after)]
+    seeds = [per_seed_step_effects(results, steps, backends) for results in (before, after)]
+    rows = []
+    for row_before, row_after in zip(*tables, strict=True):
+        key = (row_before["step"], row_before["backend"])
+        rows.append({"step": key[0], "backend": key[1],
+                     "accuracy": [row_before["accuracy"], row_after["accuracy"]],
+                     "step_effect": [row_before.get("step_effect"), row_after.get("step_effect")],
+                     "per_seed": [seeds[0].get(key, {}), seeds[1].get(key, {})]})
+    return rows
+
+
+def format_precise_bn(rows: list[dict], batches: int) -> list[str]:
+    if not rows:
+        return []
+
+    def per_seed(effects: dict) -> str:
+        return ", ".join(f"{100 * v:+.1f}" for _, v in sorted(effects.items())) or "-"
+
+    table = [[r["step"], r["backend"], stats.cell(r["accuracy"][0]), stats.cell(r["accuracy"][1]),
+              comparison_cell(r["step_effect"][0]), comparison_cell(r["step_effect"][1]),
+              f"{per_seed(r['per_seed'][0])} → {per_seed(r['per_seed'][1])}" if r["per_seed"][0] else "-"]
+             for r in rows]
+    return ["## With precise BatchNorm", "",
+            f"Every run's final weights scored again after each trainable BatchNorm layer's moving mean and "
+            f"variance were recomputed from {batches} of its training batches (`evaluate --precise-bn {batches}`: "
+            f"the scores of runs trained with `--precise-bn {batches}`, whose training is the same up to that "
+            "point). The weights do not change, only the statistics they are scored with:", "",
+            markdown_table(["step", "backend", "test accuracy, as trained", "with precise BN",
+                            "step effect, as trained", "with precise BN", "step effect per seed (as trained → with precise BN)"],
+                           table, "llrrrrl"), ""]
+
+
 def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, ...], seeds: list[int],
-                  command: str, failures: list[dict], readings: list[dict] | None = None) -> str:
+                  command: str, failures: list[dict], readings: list[dict] | None = None,
+                  precise: tuple[list[dict], int] | None = None) -> str:
     """reproduce.md: the path, the table, a sentence per effect, the chart."""
     md = ["# The Keras-vs-PyTorch gap, one factor at a time", "", f"Command: `{command}`", "",
           f"Backends {', '.join(backends)}; seeds {', '.join(map(str, seeds))}. Test accuracy in percent, "
@@ -196,6 +289,7 @@ def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, .
                 sentence = stats.verdict(comparison["interval"], first, second, noise=comparison_noise(comparison))
                 md.append(f"- {what} effect, {r['step']} ({r['backend']}): {sentence}")
     md += ["", *format_readings(readings or [], steps[1].name if len(steps) > 1 else None)]
+    md += format_precise_bn(*precise) if precise else []
     md += ["![waterfall](waterfall.png)", "", "![curves](curves.png)", ""]
     if failures:
         md += ["## Failed runs", "", *[f"- {f['run']}: {f['reason']}" for f in failures], ""]
@@ -272,9 +366,11 @@ def _json_ready(decomposition: dict) -> dict:
 
 
 def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: list[int], out_dir: Path,
-                  num_classes: int, log: Callable[[str], None] = print, readings: bool = False) -> dict:
+                  num_classes: int, log: Callable[[str], None] = print, readings: bool = False,
+                  rescore_precise_bn: int = 0) -> dict:
     """Trains every step on every backend and seed (reusing finished runs in `out_dir`), and with
-    `readings` the baseline under each other reading too; writes reproduce.md, reproduce.json,
+    `readings` the baseline under each other reading too; with `rescore_precise_bn` N, scores every
+    run again with precise BatchNorm (`rescored_results`); writes reproduce.md, reproduce.json,
     waterfall.png and curves.png; returns the report."""
     command = invoked_command("reproduce")
     steps = plan_steps(fixed)
@@ -284,7 +380,13 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
                                     num_classes, log)
     decomposition = decompose(results, steps, backends)
     reading_rows = readings_table(results, steps, other_readings, backends) if readings else []
-    text = format_report(decomposition, steps, backends, seeds, command, failures, reading_rows)
+    precise_rows = []
+    if rescore_precise_bn:
+        stepped = [r for r in results if r["cell"] in {s.name for s in steps}]
+        precise_rows = precise_bn_table(stepped, rescored_results(stepped, backends, rescore_precise_bn, log),
+                                        steps, backends)
+    text = format_report(decomposition, steps, backends, seeds, command, failures, reading_rows,
+                         (precise_rows, rescore_precise_bn) if rescore_precise_bn else None)
     plot_waterfall(decomposition, steps, backends, out_dir / "waterfall.png")
     plot_curves(results, out_dir / "curves.png")
     with atomic_write(out_dir / "reproduce.md") as tmp:
@@ -294,6 +396,8 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
         "steps": [{"name": s.name, "changes": dict(s.changes)} for s in steps],
         "runs": results, "failures": failures, "decomposition": _json_ready(decomposition),
         "readings": _json_ready({"rows": reading_rows})["rows"],
+        "precise_bn": {"batches": rescore_precise_bn,
+                       "rows": _json_ready({"rows": precise_rows})["rows"]} if rescore_precise_bn else None,
     }
     write_json(out_dir / "reproduce.json", report)
     return report | {"markdown": text}

@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from cli import cli
-from tests.conftest import SMALL_MODEL_FLAGS
+from tests.conftest import SMALL_MODEL_FLAGS, active_backend
 from training.precise_bn import batchnorm_layers, recompute_batchnorm_statistics
 
 
@@ -77,19 +77,21 @@ def test_no_batches_change_nothing():
 
 def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(demo_dir, tmp_path):
     """`reproduce`'s bn-momentum step: the momentum changes only the moving averages, so its two
-    arms train the same weights; with --precise-bn the statistics come from the same batches
-    through those weights, and the two score alike. Also what the run records and keeps."""
+    arms train the same weights; with precise BN the statistics come from the same batches
+    through those weights, and the two score alike. One arm trains with --precise-bn, the other
+    without and is scored by `evaluate --precise-bn` afterwards: the same scores, so a finished
+    run scored that way is one trained with the option. Also what the run records and keeps."""
     from inference.run import load_run
 
     runs = {}
-    for momentum in ("0.99", "0.5"):
+    for momentum, precise in (("0.99", ["--precise-bn", "3"]), ("0.5", [])):
         runs[momentum] = tmp_path / momentum
         result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "2",
                                           "--weights", "none", "--batch-size", "8", "--bn-momentum", momentum,
-                                          "--bn-train", "--precise-bn", "3", "--out", str(runs[momentum]),
+                                          "--bn-train", *precise, "--out", str(runs[momentum]),
                                           "--verbose", "0", *SMALL_MODEL_FLAGS])
         assert result.exit_code == 0, result.output
-    run = runs["0.99"]
+    run, later = runs["0.99"], runs["0.5"]
     metrics = json.loads((run / "metrics.json").read_text())
     final, best = load_run(run), load_run(run, "best")
     # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
@@ -102,8 +104,25 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
         for x, y in zip(final.model.weights, best.model.weights, strict=True):
             np.testing.assert_array_equal(np.array(x), np.array(y))
     a, b = (load_run(r).model for r in runs.values())
-    for va, vb in zip(a.weights, b.weights, strict=True):
+    for va, vb in zip(a.trainable_weights, b.trainable_weights, strict=True):
         np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-5, atol=1e-6, err_msg=va.path)
-    scores = [json.loads((r / "metrics.json").read_text())["test"] for r in runs.values()]
-    assert scores[0]["accuracy"] == scores[1]["accuracy"]
-    assert abs(scores[0]["loss"] - scores[1]["loss"]) < 1e-5
+    assert json.loads((later / "metrics.json").read_text())["precise_bn"] is None
+    files = {p: p.read_bytes() for p in later.iterdir() if p.is_file()}
+
+    result = CliRunner().invoke(cli, ["evaluate", str(later), "--precise-bn", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(every)} layers' moving statistics recomputed from 3 training batches" in result.output
+    written = later / f"eval-test-{active_backend()}-precise-bn3.json"
+    assert {p: p.read_bytes() for p in later.iterdir() if p.is_file() and p != written} == files  # in memory only
+    rescored = json.loads(written.read_text())
+    assert rescored["precise_bn"] == {"batches": 3, "layers": len(every), "epoch": 2}
+    trained = metrics["test"]
+    assert rescored["accuracy"] == trained["accuracy"]
+    assert abs(rescored["loss"] - trained["loss"]) < 1e-5
+    # reproduce --rescore-precise-bn's worker task writes the same file.
+    from studies import worker
+
+    written.unlink()
+    assert worker.main(["rescore", "3", str(later)]) == 0
+    again = json.loads(written.read_text())
+    assert again["accuracy"] == rescored["accuracy"] and again["run_id"] == json.loads((later / "config.json").read_text())["run_id"]

@@ -206,3 +206,51 @@ def dataclasses_asdict(config) -> dict:
     import dataclasses
 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def test_rescoring_with_precise_bn_tabulates_each_step_as_trained_and_after(tmp_path, monkeypatch):
+    """`--rescore-precise-bn N`: each run scored again (one process per backend, only the runs
+    without a rescored evaluation of their own run_id), and the table before and after. The
+    bn-momentum arms differ as trained and agree after, as their weights do."""
+    import studies.reproduce as reproduce
+
+    steps = plan_steps({"weights": "none"})[:4]
+    assert [s.name for s in steps][-1] == "bn-momentum"
+    rng = np.random.default_rng(5)
+    results, after = [], {}
+    for seed in (0, 1):
+        base = rng.random(300) < 0.7
+        for step in steps:
+            trained = base if step.name != "bn-momentum" else base & (rng.random(300) < 0.8)  # its statistics lag
+            result = _result(tmp_path, step.name, "torch", seed, trained)
+            (Path(result["run_dir"]) / "config.json").write_text(json.dumps({"run_id": f"{step.name}-{seed}"}))
+            results.append(result)
+            after[result["run_dir"]] = base if step.name in ("augment", "bn-momentum") else trained
+    stale = reproduce.rescored_path(results[0], 7)
+    stale.write_text(json.dumps({"run_id": "an earlier run", "accuracy": 0.0}))
+    calls = []
+
+    def rescore(backend, task, batches, *run_dirs, capture=False):
+        calls.append((backend, task, batches, run_dirs))
+        for run_dir in run_dirs:
+            correct = after[run_dir]
+            report = {"run_id": json.loads((Path(run_dir) / "config.json").read_text())["run_id"],
+                      "accuracy": float(correct.mean()), "loss": 0.5,
+                      "predictions": [{"label": "a", "predicted": "a" if ok else "b"} for ok in correct]}
+            (Path(run_dir) / f"eval-test-{backend}-precise-bn{batches}.json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess([], 0)
+
+    monkeypatch.setattr(reproduce, "in_process", rescore)
+    rescored = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
+    assert calls == [("torch", "rescore", "7", tuple(r["run_dir"] for r in results))]  # the stale one too
+    again = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
+    assert len(calls) == 1  # done earlier: reused
+    assert [r["row"] for r in again] == [r["row"] for r in rescored]
+    rows = reproduce.precise_bn_table(results, rescored, steps, ("torch",))
+    momentum = next(r for r in rows if r["step"] == "bn-momentum")
+    assert all(v < 0 for v in momentum["per_seed"][0].values()) and momentum["per_seed"][1] == {0: 0.0, 1: 0.0}
+    assert momentum["step_effect"][1]["interval"].mean == 0.0
+    preprocess = next(r for r in rows if r["step"] == "preprocess")
+    assert preprocess["accuracy"][0].mean == preprocess["accuracy"][1].mean  # its runs scored the same
+    text = "\n".join(reproduce.format_precise_bn(rows, 7))
+    assert "## With precise BatchNorm" in text and "--precise-bn 7" in text and "→ +0.0, +0.0" in text
