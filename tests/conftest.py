@@ -26,15 +26,24 @@ SMALL_MODEL_FLAGS = [item for k, v in SMALL_MODEL.items() for item in (f"--{k.re
 # persistent cache lets a test (and the subprocesses it starts, which inherit the environment)
 # reuse what another compiled for the same computation. It returns the same executable, so the
 # results are the same bits (checked: a cached and an uncached run end with identical weights).
-# One folder per session, removed at its end: nothing is carried between `make test` runs.
-_JAX_CACHE = tempfile.mkdtemp(prefix="jax-compilation-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# One folder per session, removed at its end: nothing is carried between `make test` runs. It is
+# made when pytest starts, not when this module is imported: the suite's helper processes import
+# it too (`python -m tests.test_distribute`), and they share the session's folder through the
+# environment instead of leaving one of their own behind.
+_JAX_CACHE: str | None = None
+
+
+def pytest_configure(config):
+    global _JAX_CACHE
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-compilation-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+    if _JAX_CACHE:
+        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def active_backend() -> str:
