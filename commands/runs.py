@@ -46,7 +46,7 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, pr
     if recomputed:
         click.echo(f"Precise BatchNorm: {recomputed['layers']} layers' moving statistics recomputed from "
                    f"{recomputed['batches']} training batches (of the epoch after the last, as in training)")
-    evaluate_run(run, examples, split, source, batch_size, workers, log=click.echo, precise_bn=recomputed)
+    evaluate_run(run, examples, split, source, batch_size, workers, log=click.echo, recomputed=recomputed)
 
 
 @click.command()

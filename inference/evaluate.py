@@ -80,15 +80,15 @@ def evaluation_path(run: TrainedRun, split: str, precise_bn: int = 0) -> Path:
 
 def evaluate_run(run: TrainedRun, examples: list[Example], split: str, source: str,
                  batch_size: int = BATCH_SIZE, workers: int = WORKERS, log: Callable[[str], None] = print,
-                 precise_bn: dict | None = None) -> dict:
-    """Evaluates, writes the JSON file and prints the table; returns the report. `precise_bn`:
+                 recomputed: dict | None = None) -> dict:
+    """Evaluates, writes the JSON file and prints the table; returns the report. `recomputed`:
     what `precise_batchnorm` did to the weights first (recorded, and named in the file's name)."""
     log(f"Evaluating {run.run_dir} ({run.checkpoint} weights) on {len(examples)} images of {source} "
         f"under {keras.backend.backend()}")
     report = {"split": split, "source": source, "backend": keras.backend.backend(), "checkpoint": run.checkpoint,
-              "run_id": run.config.get("run_id"), "precise_bn": precise_bn,
+              "run_id": run.config.get("run_id"), "precise_bn": recomputed,
               **evaluate_examples(run, examples, batch_size, workers)}
-    path = evaluation_path(run, split, precise_bn["batches"] if precise_bn else 0)
+    path = evaluation_path(run, split, recomputed["batches"] if recomputed else 0)
     write_json(path, report)
     for item in report["skipped"]:
         log(f"  skipped {item['path']}: {item['reason']}")

@@ -23,9 +23,24 @@ def command(task: str, *args: str) -> list[str]:
 
 def in_process(backend: str, task: str, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     """Runs a task in a child process under `backend`; its output is captured when `capture`."""
+    return subprocess.run(command(task, *args), env=_child_env(backend), capture_output=capture, text=True)
+
+
+def cli_command(*args: str) -> list[str]:
+    """The command line of one of the user's own commands (`python cli.py ARGS`)."""
+    return [sys.executable, str(ROOT / "cli.py"), *args]
+
+
+def cli_in_process(backend: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `python cli.py ARGS` under `backend`: a study's step that is a command the user has
+    too (e.g. `evaluate RUN --precise-bn N`), so it is that command and not a copy of it."""
+    return subprocess.run(cli_command(*args), env=_child_env(backend), text=True)
+
+
+def _child_env(backend: str) -> dict[str, str]:
     from backend.selection import backend_subprocess_env
 
     env = backend_subprocess_env(backend)
     # The caller's folder stays the child's (relative paths keep their meaning); the project is found by path.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return subprocess.run(command(task, *args), env=env, capture_output=capture, text=True)
+    return env

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from studies.compare import (
     run_grid,
     run_test_accuracy,
 )
-from studies.processes import in_process
+from studies.processes import cli_command, cli_in_process
 from training.config import TORCHVISION_DECODE
 from training.recipes import recipe_options
 from training.rundir import atomic_write, write_json
@@ -197,15 +198,16 @@ def rescored_results(results: list[dict], backends: tuple[str, ...], batches: in
                      log: Callable[[str], None] = print) -> list[dict]:
     """`--rescore-precise-bn N`: each run's final weights scored again on its test split with every
     trainable BatchNorm layer's moving statistics recomputed from N of its training batches
-    (`evaluate --precise-bn N`, one process per backend; reused when done earlier). Training with
-    `--precise-bn N` changes nothing before that point, so these are the scores such runs get
+    (`evaluate RUN --precise-bn N` under the run's backend; reused when done earlier). Training
+    with `--precise-bn N` changes nothing before that point, so these are the scores such runs get
     (tests/test_precise_bn.py checks it). Returns the results with those scores."""
-    for backend in backends:
-        todo = [r["run_dir"] for r in results if r["backend"] == backend and _rescored_report(r, batches) is None]
-        if todo:
-            log(f"Rescoring {len(todo)} {backend} runs with precise BatchNorm ({batches} batches)")
-            if in_process(backend, "rescore", str(batches), *todo).returncode:
-                raise CompareError(f"rescoring with precise BatchNorm failed on {backend} (its output is above)")
+    todo = [r for r in results if _rescored_report(r, batches) is None]
+    for i, result in enumerate(todo, 1):
+        args = ("evaluate", result["run_dir"], "--precise-bn", str(batches))
+        log(f"[{i}/{len(todo)}] rescoring with precise BatchNorm\n  KERAS_BACKEND={result['backend']} "
+            f"python {shlex.join(cli_command(*args)[1:])}")
+        if cli_in_process(result["backend"], *args).returncode:
+            raise CompareError(f"rescoring {result['run_dir']} with precise BatchNorm failed (its output is above)")
     rescored = []
     for result in results:
         report = _rescored_report(result, batches)

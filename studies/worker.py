@@ -9,9 +9,6 @@ Tasks:
 - `init-weights PATH SPEC`: the starting weights file of a grid cell (SPEC: JSON of the options
   `training.train.save_initial_weights` takes).
 - `parity SPEC WEIGHTS OUT`: the parity quantities of one backend (`studies.parity.run_worker`).
-- `rescore N RUN...`: each finished run's test split scored with its BatchNorm statistics
-  recomputed from N training batches (`evaluate --precise-bn N`), into the run's
-  eval-test-<backend>-precise-bn<N>.json.
 """
 
 from __future__ import annotations
@@ -67,20 +64,6 @@ def parity(spec: str, weights: str, out: str) -> int:
     return 0
 
 
-def rescore(batches: int, run_dirs: list[str]) -> int:
-    """`evaluate RUN --precise-bn N` for each run, in one process."""
-    from inference.evaluate import evaluate_run, precise_batchnorm
-    from inference.run import load_run, split_examples
-
-    for run_dir in run_dirs:
-        run = load_run(run_dir)
-        examples, source = split_examples(run, None, "test")
-        evaluate_run(run, examples, "test", source, precise_bn=precise_batchnorm(run, None, batches),
-                     log=lambda line: None)
-        print(f"{run_dir}: rescored with precise BatchNorm ({batches} batches)", flush=True)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     from errors import UserInputError
 
@@ -96,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     check = tasks.add_parser("parity")
     for name in ("spec", "weights", "out"):
         check.add_argument(name)
-    again = tasks.add_parser("rescore")
-    again.add_argument("batches", type=int)
-    again.add_argument("run_dirs", nargs="+")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -106,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             return train(args.config, args.out, args.resume is not None)
         if args.task == "init-weights":
             return init_weights(args.path, args.spec)
-        if args.task == "rescore":
-            return rescore(args.batches, args.run_dirs)
         return parity(args.spec, args.weights, args.out)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -119,10 +119,3 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     trained = metrics["test"]
     assert rescored["accuracy"] == trained["accuracy"]
     assert abs(rescored["loss"] - trained["loss"]) < 1e-5
-    # reproduce --rescore-precise-bn's worker task writes the same file.
-    from studies import worker
-
-    written.unlink()
-    assert worker.main(["rescore", "3", str(later)]) == 0
-    again = json.loads(written.read_text())
-    assert again["accuracy"] == rescored["accuracy"] and again["run_id"] == json.loads((later / "config.json").read_text())["run_id"]

@@ -209,7 +209,7 @@ def dataclasses_asdict(config) -> dict:
 
 
 def test_rescoring_with_precise_bn_tabulates_each_step_as_trained_and_after(tmp_path, monkeypatch):
-    """`--rescore-precise-bn N`: each run scored again (one process per backend, only the runs
+    """`--rescore-precise-bn N`: each run scored again by `evaluate --precise-bn N` (only the runs
     without a rescored evaluation of their own run_id), and the table before and after. The
     bn-momentum arms differ as trained and agree after, as their weights do."""
     import studies.reproduce as reproduce
@@ -230,21 +230,20 @@ def test_rescoring_with_precise_bn_tabulates_each_step_as_trained_and_after(tmp_
     stale.write_text(json.dumps({"run_id": "an earlier run", "accuracy": 0.0}))
     calls = []
 
-    def rescore(backend, task, batches, *run_dirs, capture=False):
-        calls.append((backend, task, batches, run_dirs))
-        for run_dir in run_dirs:
-            correct = after[run_dir]
-            report = {"run_id": json.loads((Path(run_dir) / "config.json").read_text())["run_id"],
-                      "accuracy": float(correct.mean()), "loss": 0.5,
-                      "predictions": [{"label": "a", "predicted": "a" if ok else "b"} for ok in correct]}
-            (Path(run_dir) / f"eval-test-{backend}-precise-bn{batches}.json").write_text(json.dumps(report))
+    def evaluate(backend, command, run_dir, flag, batches):  # what `evaluate RUN --precise-bn N` writes
+        calls.append((backend, command, run_dir, flag, batches))
+        correct = after[run_dir]
+        report = {"run_id": json.loads((Path(run_dir) / "config.json").read_text())["run_id"],
+                  "accuracy": float(correct.mean()), "loss": 0.5,
+                  "predictions": [{"label": "a", "predicted": "a" if ok else "b"} for ok in correct]}
+        (Path(run_dir) / f"eval-test-{backend}-precise-bn{batches}.json").write_text(json.dumps(report))
         return subprocess.CompletedProcess([], 0)
 
-    monkeypatch.setattr(reproduce, "in_process", rescore)
+    monkeypatch.setattr(reproduce, "cli_in_process", evaluate)
     rescored = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
-    assert calls == [("torch", "rescore", "7", tuple(r["run_dir"] for r in results))]  # the stale one too
+    assert calls == [("torch", "evaluate", r["run_dir"], "--precise-bn", "7") for r in results]  # the stale one too
     again = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
-    assert len(calls) == 1  # done earlier: reused
+    assert len(calls) == len(results)  # done earlier: reused
     assert [r["row"] for r in again] == [r["row"] for r in rescored]
     rows = reproduce.precise_bn_table(results, rescored, steps, ("torch",))
     momentum = next(r for r in rows if r["step"] == "bn-momentum")
