@@ -188,3 +188,35 @@ def test_offline_imagenet_level_stops_compare_before_any_run(demo_dir, tmp_path,
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in lines[0]
     assert not (tmp_path / "c").exists()
+
+
+def test_sigterm_to_a_study_stops_its_running_child_first_then_the_study(monkeypatch, tmp_path):
+    """`kill` on compare or reproduce: the training child gets the signal too (it stops at its safe
+    point) and the study waits for it, then stops; before, the child trained on alone."""
+    import os
+    import signal
+    import threading
+
+    from studies import processes
+
+    log = tmp_path / "child.log"
+    child = ("import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(log)!r}, 'a').write('stopping\\n'), sys.exit(7)))\n"
+             f"open({str(log)!r}, 'a').write('ready\\n')\n"
+             "time.sleep(60)\n")
+    monkeypatch.setattr(processes, "command", lambda task, *args: [sys.executable, "-c", child])
+
+    def signal_when_ready():
+        for _ in range(200):
+            if log.exists():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        processes.in_process("torch", "train")
+    assert stopped.value.code == 7  # the child's own exit code, after its handler ran
+    assert log.read_text() == "ready\nstopping\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
