@@ -15,7 +15,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(active_backend() != "tensorflow", reason="backend-independent; runs once, in the tensorflow pass")
+@pytest.mark.skipif(active_backend() != "torch", reason="backend-independent; runs once, in the torch pass")
 def test_both_sides_measure_every_image_and_the_report_gives_their_figures(demo_dir):
     ours = measure("ours", str(demo_dir), 32, 8, 2, 2)
     baseline = measure("tfdata", str(demo_dir), 32, 8, 2, 2)

@@ -78,7 +78,7 @@ DIVERGING = ("--image-size", "32", "--batch-size", "4", "--epochs", "3", "--lr",
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(active_backend() != "tensorflow", reason="trains to divergence once, in the tensorflow pass")
+@pytest.mark.skipif(active_backend() != "jax", reason="trains to divergence once, in the jax pass")
 def test_a_diverging_run_exits_1_and_leaves_only_finite_checkpoints(demo_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_subprocess("train", "--data-dir", str(demo_dir), *DIVERGING, "--out", str(run_dir))

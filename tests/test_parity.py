@@ -174,7 +174,7 @@ def test_hybrid_model_passes_parity_on_every_backend(tmp_path):
 
 
 PLANTED = [
-    pytest.param("tensorflow", "tensorflow,jax", "jax:weight",
+    pytest.param("torch", "tensorflow,jax", "jax:weight",
                  {"inference logits", "training logits", "loss", "weights after SGD step"}, id="one-weight"),
     pytest.param("jax", "jax,torch", "torch:preprocess", {"batch bytes (sha256)", "inference logits"},
                  id="other-preprocess"),
@@ -217,7 +217,7 @@ def small_cnn(path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(active_backend() != "tensorflow", reason="spawns every backend; runs once, in the tensorflow pass")
+@pytest.mark.skipif(active_backend() != "jax", reason="spawns every backend; runs once, in the jax pass")
 def test_parity_checks_a_users_model_file_and_fails_on_a_planted_weight(tmp_path):
     model_file = small_cnn(tmp_path / "small_cnn.keras")
     result, report = run_parity(tmp_path, "--model-file", model_file, "--preprocess", "rescale",
