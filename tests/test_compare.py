@@ -129,7 +129,8 @@ def final_weights(run_dir) -> dict[str, np.ndarray]:
 def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_path):
     out = tmp_path / "compare"
     args = ["compare", "--data-dir", str(demo_dir), "--image-size", "32", "--batch-size", "8", "--epochs", "1",
-            "--weights", "none", "--model", "resnet50,hybrid", "--head-filters", "16", "--backends", "torch,tensorflow",
+            "--weights", "none", "--model", "resnet50,hybrid", "--cut", "conv3", "--head-blocks", "1", "--head-filters", "16",
+            "--backends", "torch,tensorflow",
             "--out", str(out), "--verbose", "0"]
     result = cli(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -153,7 +154,7 @@ def test_compare_grid_writes_the_summary_and_reuses_finished_runs(demo_dir, tmp_
         assert {r["start_sha256"] for r in runs} == {file_sha256(start)}
         starts = [h5_arrays(start)]
         assert {c["environment"]["backend"] for c in configs} == {"torch", "tensorflow"}
-    assert any(a.shape == (3, 3, 1024, 16) for a in starts[0].values())  # the hybrid's head conv
+    assert any(a.shape == (3, 3, 512, 16) for a in starts[0].values())  # the hybrid's head conv, after conv3
 
     result = cli("report", str(out), "--gradcam-samples", "2")
     assert result.returncode == 0, result.stderr[-3000:]
