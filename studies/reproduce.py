@@ -194,8 +194,7 @@ def _rescored_report(result: dict, batches: int) -> dict | None:
     return report if report.get("run_id") == config.get("run_id") else None
 
 
-def rescored_results(results: list[dict], backends: tuple[str, ...], batches: int,
-                     log: Callable[[str], None] = print) -> list[dict]:
+def rescored_results(results: list[dict], batches: int, log: Callable[[str], None] = print) -> list[dict]:
     """`--rescore-precise-bn N`: each run's final weights scored again on its test split with every
     trainable BatchNorm layer's moving statistics recomputed from N of its training batches
     (`evaluate RUN --precise-bn N` under the run's backend; reused when done earlier). Training
@@ -385,7 +384,7 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
     precise_rows = []
     if rescore_precise_bn:
         stepped = [r for r in results if r["cell"] in {s.name for s in steps}]
-        precise_rows = precise_bn_table(stepped, rescored_results(stepped, backends, rescore_precise_bn, log),
+        precise_rows = precise_bn_table(stepped, rescored_results(stepped, rescore_precise_bn, log),
                                         steps, backends)
     text = format_report(decomposition, steps, backends, seeds, command, failures, reading_rows,
                          (precise_rows, rescore_precise_bn) if rescore_precise_bn else None)

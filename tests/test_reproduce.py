@@ -240,9 +240,9 @@ def test_rescoring_with_precise_bn_tabulates_each_step_as_trained_and_after(tmp_
         return subprocess.CompletedProcess([], 0)
 
     monkeypatch.setattr(reproduce, "cli_in_process", evaluate)
-    rescored = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
+    rescored = reproduce.rescored_results(results, 7, log=lambda line: None)
     assert calls == [("torch", "evaluate", r["run_dir"], "--precise-bn", "7") for r in results]  # the stale one too
-    again = reproduce.rescored_results(results, ("torch",), 7, log=lambda line: None)
+    again = reproduce.rescored_results(results, 7, log=lambda line: None)
     assert len(calls) == len(results)  # done earlier: reused
     assert [r["row"] for r in again] == [r["row"] for r in rescored]
     rows = reproduce.precise_bn_table(results, rescored, steps, ("torch",))
