@@ -38,11 +38,13 @@ def evaluate(run_dir: str, data_dir: str | None, split: str, checkpoint: str, pr
              workers: int) -> None:
     """Score a trained run on a labelled split under the active backend; writes eval-<split>-<backend>.json."""
     from inference.evaluate import evaluate_run, precise_batchnorm
-    from inference.run import load_run, split_examples
+    from inference.run import SPLITS, load_run, split_examples
 
     run = load_run(run_dir, checkpoint)
     examples, source = split_examples(run, data_dir, split)
-    recomputed = precise_batchnorm(run, data_dir, precise_bn, workers) if precise_bn else None
+    # The statistics come from the run's own training data, also when the scores are on another folder's split.
+    training_data = data_dir if split in SPLITS else None
+    recomputed = precise_batchnorm(run, training_data, precise_bn, workers) if precise_bn else None
     if recomputed:
         click.echo(f"Precise BatchNorm: {recomputed['layers']} layers' moving statistics recomputed from "
                    f"{recomputed['batches']} training batches (of the epoch after the last, as in training)")

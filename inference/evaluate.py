@@ -56,6 +56,8 @@ def precise_batchnorm(run: TrainedRun, data_dir: str | Path | None, batches: int
 
     epochs = sum(int(p["epochs"]) for p in run.config["phases"])
     if run.checkpoint == "best":  # as train does: an earlier phase's weights were fitted with other layers frozen
+        if not (run.run_dir / "metrics.json").is_file():
+            raise RunError(f"{run.run_dir} has no metrics.json (the run did not finish): its best epoch is not known")
         best = int(json.loads((run.run_dir / "metrics.json").read_text())["best"]["epoch"])
         if best <= epochs - int(run.config["phases"][-1]["epochs"]):
             raise RunError(f"the best epoch ({best}) is from an earlier phase than the last: its BatchNorm layers "
@@ -66,7 +68,8 @@ def precise_batchnorm(run: TrainedRun, data_dir: str | Path | None, batches: int
     train_batches = scanned_training_batches(cfg, examples)
     images = (x for x, _ in iterate_epoch(train_batches, epochs, limit=batches))
     used, layers = recompute_batchnorm_statistics(run.model, images)
-    return {"batches": used, "layers": layers, "epoch": epochs}
+    # `requested` names the file (an epoch may hold fewer batches than asked for: all of them are used).
+    return {"requested": batches, "batches": used, "layers": layers, "epoch": epochs}
 
 
 def evaluation_path(run: TrainedRun, split: str, precise_bn: int = 0) -> Path:
@@ -88,7 +91,7 @@ def evaluate_run(run: TrainedRun, examples: list[Example], split: str, source: s
     report = {"split": split, "source": source, "backend": keras.backend.backend(), "checkpoint": run.checkpoint,
               "run_id": run.config.get("run_id"), "precise_bn": recomputed,
               **evaluate_examples(run, examples, batch_size, workers)}
-    path = evaluation_path(run, split, recomputed["batches"] if recomputed else 0)
+    path = evaluation_path(run, split, recomputed["requested"] if recomputed else 0)
     write_json(path, report)
     for item in report["skipped"]:
         log(f"  skipped {item['path']}: {item['reason']}")

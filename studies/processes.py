@@ -33,44 +33,47 @@ def in_process(backend: str, task: str, *args: str, capture: bool = False) -> su
 
 
 def _run_to_its_end(args: list[str], backend: str) -> subprocess.CompletedProcess:
-    """Runs a child that stops at a safe point on a signal (a training run), and lets it: SIGTERM
-    to this process (`kill`, a scheduler) is passed on to the child, which would otherwise train on
-    alone into a folder the next study resumes; Ctrl-C reaches the child from the terminal, so this
-    process waits for it rather than killing it midway. Then the study stops (SystemExit with the
-    child's code), so no other run starts."""
-    child = subprocess.Popen(args, env=_child_env(backend), text=True)
-    with _sigterm_passed_to(child) as received:
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:
-            try:
-                child.wait()
-            except KeyboardInterrupt:  # a second Ctrl-C: the child stops at once too, and so does this
-                child.kill()
-                child.wait()
-            raise
-    if received:
-        raise SystemExit(code or 128 + signal.SIGTERM)
+    """Runs a child that stops at a safe point on a signal (a training run), and lets it. The child
+    has a session of its own, so a signal reaches it once, from here: SIGINT (Ctrl-C) and SIGTERM
+    (`kill`, a scheduler signalling the group) to this process are passed on, this process waits
+    for the child to stop, then the study stops (SystemExit with the child's code) and no other run
+    starts. Before, a killed study left its child training into a folder the next study resumes."""
+    with _signals_passed_on() as forward:
+        child = forward.child = subprocess.Popen(args, env=_child_env(backend), text=True, start_new_session=True)
+        if forward.received:  # a signal that came while the child was starting
+            child.send_signal(forward.received[0])
+        code = child.wait()
+    if forward.received:
+        raise SystemExit(128 - code if code < 0 else code or 128 + forward.received[0])
     return subprocess.CompletedProcess(args, code)
 
 
+class _Forward:
+    """The signals received while a child runs, and the child to pass them to (once it exists)."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.received: list[int] = []
+
+    def __call__(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.child is not None:
+            self.child.send_signal(signum)
+
+
 @contextlib.contextmanager
-def _sigterm_passed_to(child: subprocess.Popen) -> Iterator[list[int]]:
-    """While the block runs, SIGTERM to this process goes to `child` too; yields the signals received."""
-    received: list[int] = []
+def _signals_passed_on() -> Iterator[_Forward]:
+    """While the block runs, SIGINT and SIGTERM to this process go to the block's child."""
+    forward = _Forward()
     if threading.current_thread() is not threading.main_thread():  # only the main thread handles signals
-        yield received
+        yield forward
         return
-
-    def pass_on(signum, frame) -> None:
-        received.append(signum)
-        child.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, pass_on)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield received
+        yield forward
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def cli_command(*args: str) -> list[str]:

@@ -191,9 +191,11 @@ def test_offline_imagenet_level_stops_compare_before_any_run(demo_dir, tmp_path,
     assert not (tmp_path / "c").exists()
 
 
-def test_sigterm_to_a_study_stops_its_running_child_first_then_the_study(monkeypatch, tmp_path):
-    """`kill` on compare or reproduce: the training child gets the signal too (it stops at its safe
-    point) and the study waits for it, then stops; before, the child trained on alone."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_study_stops_its_running_child_first_then_the_study(monkeypatch, tmp_path, signal_name):
+    """`kill` or Ctrl-C on compare or reproduce: the training child gets the signal once (it runs in
+    a session of its own, so a signal to the group does not reach it twice and skip its safe point),
+    the study waits for it to stop, then stops; before, a killed study's child trained on alone."""
     import os
     import signal
     import threading
@@ -202,22 +204,24 @@ def test_sigterm_to_a_study_stops_its_running_child_first_then_the_study(monkeyp
 
     log = tmp_path / "child.log"
     child = ("import signal, sys, time\n"
-             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(log)!r}, 'a').write('stopping\\n'), sys.exit(7)))\n"
+             f"def stop(signum, frame):\n    open({str(log)!r}, 'a').write(f'stopping on {{signum}}\\n'); sys.exit(7)\n"
+             "signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGINT, stop)\n"
              f"open({str(log)!r}, 'a').write('ready\\n')\n"
              "time.sleep(60)\n")
     monkeypatch.setattr(processes, "command", lambda task, *args: [sys.executable, "-c", child])
+    signum = getattr(signal, signal_name)
 
     def signal_when_ready():
         for _ in range(200):
             if log.exists():
                 break
             threading.Event().wait(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     threading.Thread(target=signal_when_ready, daemon=True).start()
     with pytest.raises(SystemExit) as stopped:
         processes.in_process("torch", "train")
     assert stopped.value.code == 7  # the child's own exit code, after its handler ran
-    assert log.read_text() == "ready\nstopping\n"
-    assert signal.getsignal(signal.SIGTERM) is before  # this process's own handler is back
+    assert log.read_text() == f"ready\nstopping on {int(signum)}\n"  # once
+    assert {s: signal.getsignal(s) for s in before} == before  # this process's own handlers are back

@@ -115,7 +115,13 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     written = later / f"eval-test-{active_backend()}-precise-bn3.json"
     assert {p: p.read_bytes() for p in later.iterdir() if p.is_file() and p != written} == files  # in memory only
     rescored = json.loads(written.read_text())
-    assert rescored["precise_bn"] == {"batches": 3, "layers": len(every), "epoch": 2}
+    assert rescored["precise_bn"] == {"requested": 3, "batches": 3, "layers": len(every), "epoch": 2}
     trained = metrics["test"]
     assert rescored["accuracy"] == trained["accuracy"]
     assert abs(rescored["loss"] - trained["loss"]) < 1e-5
+    # More batches than an epoch holds: all of them are used, and the file keeps the name asked for
+    # (reproduce --rescore-precise-bn looks for it by that name).
+    result = CliRunner().invoke(cli, ["evaluate", str(later), "--precise-bn", "500"])
+    assert result.exit_code == 0, result.output
+    whole = json.loads((later / f"eval-test-{active_backend()}-precise-bn500.json").read_text())["precise_bn"]
+    assert whole["requested"] == 500 and 3 < whole["batches"] < 500
