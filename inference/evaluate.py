@@ -12,7 +12,7 @@ import numpy as np
 
 from data import BATCH_SIZE, WORKERS
 from data.discovery import DatasetError, Example
-from data.loader import MRIBatches, iterate_epoch, scan_examples
+from data.loader import MRIBatches, scan_examples
 from inference.run import TrainedRun
 from markdown_tables import markdown_table
 from training.metrics import classification_report, softmax
@@ -50,26 +50,25 @@ def precise_batchnorm(run: TrainedRun, data_dir: str | Path | None, batches: int
     option changes nothing before that point, so a run scored this way scores as if trained with it."""
     from inference.run import RunError, split_examples
     from training.config import TrainConfig
-    from training.precise_bn import recompute_batchnorm_statistics
+    from training.precise_bn import best_epoch_gets_it, recompute_after_training
     from training.resume import recorded_data_dir
     from training.train import scanned_training_batches
 
-    epochs = sum(int(p["epochs"]) for p in run.config["phases"])
-    if run.checkpoint == "best":  # as train does: an earlier phase's weights were fitted with other layers frozen
+    phase_epochs = [int(p["epochs"]) for p in run.config["phases"]]
+    if run.checkpoint == "best":
         if not (run.run_dir / "metrics.json").is_file():
             raise RunError(f"{run.run_dir} has no metrics.json (the run did not finish): its best epoch is not known")
         best = int(json.loads((run.run_dir / "metrics.json").read_text())["best"]["epoch"])
-        if best <= epochs - int(run.config["phases"][-1]["epochs"]):
+        if not best_epoch_gets_it(best, phase_epochs):
             raise RunError(f"the best epoch ({best}) is from an earlier phase than the last: its BatchNorm layers "
                            f"were fitted on their moving statistics, and --precise-bn leaves them (train does too)")
     data_dir = str(data_dir or recorded_data_dir(run.config))
     cfg = TrainConfig.from_record(run.options, data_dir=data_dir, workers=workers, verbose=0)
     examples, _ = split_examples(run, data_dir, "train")
     train_batches = scanned_training_batches(cfg, examples)
-    images = (x for x, _ in iterate_epoch(train_batches, epochs, limit=batches))
-    used, layers = recompute_batchnorm_statistics(run.model, images)
+    used, layers = recompute_after_training(run.model, train_batches, sum(phase_epochs), batches)
     # `requested` names the file (an epoch may hold fewer batches than asked for: all of them are used).
-    return {"requested": batches, "batches": used, "layers": layers, "epoch": epochs}
+    return {"requested": batches, "batches": used, "layers": layers, "epoch": sum(phase_epochs)}
 
 
 def evaluation_path(run: TrainedRun, split: str, precise_bn: int = 0) -> Path:

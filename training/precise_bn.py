@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 from backend.gradients import training_forward
+from data.loader import MRIBatches, iterate_epoch
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -50,3 +51,19 @@ def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[np.ndar
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
     return used, len(layers) if used else 0
+
+
+def recompute_after_training(model: keras.Model, train_batches: MRIBatches, trained_epochs: int,
+                             batches: int) -> tuple[int, int]:
+    """The batches precise BN takes, after training (`train --precise-bn`) and after the fact
+    (`evaluate --precise-bn`) alike: the first `batches` of the epoch after the last, from the
+    run's own pipeline (augmented as in training, the same bytes on every backend). One place, so
+    the two stay the same computation. Returns `(batches used, layers recomputed)`."""
+    images = (x for x, _ in iterate_epoch(train_batches, trained_epochs, limit=batches))
+    return recompute_batchnorm_statistics(model, images)
+
+
+def best_epoch_gets_it(best_epoch: int, phase_epochs: list[int]) -> bool:
+    """Whether the best epoch's weights get precise BN: only from the last phase (an earlier
+    phase's weights were fitted with other layers frozen, on their moving statistics)."""
+    return best_epoch > sum(phase_epochs) - phase_epochs[-1]

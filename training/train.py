@@ -27,7 +27,7 @@ from backend.selection import environment, tensorflow_kept_out
 from checksums import file_sha256
 from data.discovery import TEST_DIR, TRAIN_DIR, DatasetError, Example, Splits
 from data.fingerprint import FINGERPRINT_FILE, Digest, cross_split_copies, fingerprint, write_fingerprint
-from data.loader import DecodedCache, EpochSync, MRIBatches, iterate_epoch, scan_examples
+from data.loader import DecodedCache, EpochSync, MRIBatches, scan_examples
 from errors import UserInputError
 from model import ModelSpec, build_model, load_initial_weights
 from model.structure import set_backbone_trainable
@@ -47,7 +47,7 @@ from training.callbacks import (
 )
 from training.config import Preflight, TrainConfig, preflight
 from training.metrics import classification_report, format_table, result_rows, results_row
-from training.precise_bn import recompute_batchnorm_statistics
+from training.precise_bn import best_epoch_gets_it, recompute_after_training
 from training.resume import reconcile_run_dir
 from training.rundir import (
     BEST,
@@ -417,10 +417,9 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
         load_model_weights(model, run_dir / BEST)
-        if precise and checkpoints.best_epoch > trained_epochs - phases[-1].epochs:
-            # The best epoch's weights get theirs too (from the last phase only: an earlier phase's
-            # weights were fitted with other layers on their moving statistics), and the file keeps
-            # them, so --checkpoint best agrees with metrics.json.
+        if precise and best_epoch_gets_it(checkpoints.best_epoch, [p.epochs for p in phases]):
+            # The best epoch's weights get theirs too, and the file keeps them, so --checkpoint
+            # best agrees with metrics.json.
             _precise_batchnorm(model, cfg, train_batches, trained_epochs, log)
             save_weights(model, run_dir / BEST, checkpoint_state(run_dir / BEST), with_optimizer=False)
             precise["best"] = True
@@ -452,8 +451,7 @@ def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIB
     last (the pipeline's own, augmented as in training, the same bytes on every backend)."""
     if not cfg.precise_bn:
         return None
-    images = (x for x, _ in iterate_epoch(train_batches, epoch, limit=cfg.precise_bn))
-    used, layers = recompute_batchnorm_statistics(model, images)
+    used, layers = recompute_after_training(model, train_batches, epoch, cfg.precise_bn)
     log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
     return {"batches": used, "layers": layers, "epoch": epoch, "best": False}
 
