@@ -78,8 +78,8 @@ def parity(backends, out, plant, **options) -> None:
 def compare(backends, seeds, out, config_file, **options) -> None:
     """Train one configuration on each backend from one weights file; tables, effects, curves.
 
-    --model, --preprocess, --augment, --weights and --precision take comma-separated levels: the run becomes
-    a grid (backend x levels x seeds) and the summary gives each factor's main effect.
+    --model, --preprocess, --augment, --weights, --precision and --precise-bn take comma-separated levels: the
+    run becomes a grid (backend x levels x seeds) and the summary gives each factor's main effect.
     """
     from data.discovery import make_splits
     from model.weights import check_weights_file, resolve_backbone_weights

@@ -37,7 +37,7 @@ from training.rundir import (
     write_json,
 )
 
-FACTORS = ("model", "preprocess", "augment", "weights", "precision")
+FACTORS = ("model", "preprocess", "augment", "weights", "precision", "precise_bn")
 STABILITY_ROWS = ["Grad norm ratio (min/max)", "Lowest grad norm ratio"]
 SUMMARY_ROWS = [*RESULT_ROWS, *STABILITY_ROWS, "Seconds per epoch", "Training img/s", "Peak memory (MiB)"]
 _ONE_DECIMAL = ("Peak memory (MiB)", "Seconds per epoch", "Training img/s")
@@ -58,8 +58,16 @@ class Run:
 
     @property
     def dirname(self) -> str:
-        cell = f"{self.label}-" if self.label else "".join(str(v).replace("/", "_") + "-" for _, v in self.levels)
+        cell = f"{self.label}-" if self.label else "".join(_level_name(f, v) + "-" for f, v in self.levels)
         return f"{cell}seed{self.seed}/{self.backend}"
+
+
+def _level_name(factor: str, value: Any) -> str:
+    """A level as a folder name: a word level as itself (`caffe`), a number with its factor's name
+    (`precise-bn100`, where a bare `100` would not say what it is)."""
+    if isinstance(value, int | float):
+        return f"{factor.replace('_', '-')}{value}"
+    return str(value).replace("/", "_")
 
 
 class CompareError(RuntimeError):

@@ -51,6 +51,28 @@ def test_plan_runs_is_the_full_grid_with_backends_innermost():
     assert plan_runs(("jax",), {}, [2])[0].dirname == "seed2/jax"
 
 
+def test_precise_bn_levels_make_a_grid_whose_runs_train_with_them(demo_dir, tmp_path, monkeypatch):
+    """`compare --precise-bn 0,3`: a factor like the others, each run's options carry its level and
+    its folder says which (`precise-bn3`, not a bare `3`)."""
+    import studies.compare
+
+    asked = {}
+
+    def fake_run_compare(fixed, backends, grid, seeds, out_dir, classes, log):
+        asked.update(fixed=fixed, grid=grid)
+        return {"markdown": "", "failures": []}
+
+    monkeypatch.setattr(studies.compare, "run_compare", fake_run_compare)
+    result = run_cli("compare", "--data-dir", str(demo_dir), "--precise-bn", "0,3", "--weights", "none", "--backends", "torch",
+                     "--out", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    assert asked["grid"] == {"precise_bn": [0, 3]}
+    runs = plan_runs(("torch",), asked["grid"], [0])
+    assert [r.dirname for r in runs] == ["precise-bn0-seed0/torch", "precise-bn3-seed0/torch"]
+    options = child_options(asked["fixed"], runs[1], tmp_path / "init.weights.h5")
+    assert options["precise_bn"] == 3 and options["seed"] == 0
+
+
 def test_a_child_run_gets_its_cell_seed_and_weights_file_through_a_config_file(tmp_path):
     run = Run("jax", (("preprocess", "imagenet"),), seed=3)
     options = {"data_dir": "d", "preprocess": "caffe", "learning_rate": 5e-4, "cache": False,
@@ -172,7 +194,9 @@ def test_factor_levels_are_checked_before_anything_runs(demo_dir, tmp_path):
     assert not (tmp_path / "c").exists()
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,vgg", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "'vgg' is not one of" in result.stderr
-    assert set(FACTORS) == {"model", "preprocess", "augment", "weights", "precision"}
+    assert set(FACTORS) == {"model", "preprocess", "augment", "weights", "precision", "precise_bn"}
+    result = cli("compare", "--data-dir", str(demo_dir), "--precise-bn", "0,-1", "--out", str(tmp_path / "c"))
+    assert result.returncode == 2 and "-1 is not in the range x>=0" in result.stderr
     result = cli("compare", "--data-dir", str(demo_dir), "--precision", "float32,float8", "--out", str(tmp_path / "c"))
     assert result.returncode == 2 and "'float8' is not one of" in result.stderr
     result = cli("compare", "--data-dir", str(demo_dir), "--model", "resnet50,hybrid", "--unfreeze-blocks", "14", "--weights", "none",
