@@ -43,32 +43,37 @@ def evaluate_examples(run: TrainedRun, examples: list[Example], batch_size: int 
 
 
 def precise_batchnorm(run: TrainedRun, data_dir: str | Path | None, batches: int, workers: int = WORKERS) -> dict:
-    """`evaluate --precise-bn N`: what `train --precise-bn N` does after its last epoch, done to a
+    """`evaluate --precise-bn N`: what `train --precise-bn N` does at the end of an epoch, done to a
     finished run's weights in memory (the files are not changed): every trainable BatchNorm layer's
-    moving statistics recomputed from the first N batches of the epoch after the last, from the
-    run's own training split and augmentation rebuilt from its config.json. Training with the
-    option changes nothing before that point, so a run scored this way scores as if trained with it."""
+    moving statistics recomputed from the first N batches of the epoch after that one (after the
+    last for the final weights, after the best for `--checkpoint best`), from the run's own
+    training split and augmentation rebuilt from its config.json. The option never changes the
+    weights, so the final weights scored this way score as if trained with it; the best epoch is
+    the one the run chose (a run trained with the option chooses by the recomputed statistics)."""
     from inference.run import RunError, split_examples
     from training.config import TrainConfig
-    from training.precise_bn import best_epoch_gets_it, recompute_after_training
+    from training.precise_bn import best_epoch_gets_it, recompute_after_epoch
     from training.resume import recorded_data_dir
     from training.train import scanned_training_batches
 
     phase_epochs = [int(p["epochs"]) for p in run.config["phases"]]
+    epoch = sum(phase_epochs)
     if run.checkpoint == "best":
         if not (run.run_dir / "metrics.json").is_file():
             raise RunError(f"{run.run_dir} has no metrics.json (the run did not finish): its best epoch is not known")
         best = int(json.loads((run.run_dir / "metrics.json").read_text())["best"]["epoch"])
         if not best_epoch_gets_it(best, phase_epochs):
             raise RunError(f"the best epoch ({best}) is from an earlier phase than the last: its BatchNorm layers "
-                           f"were fitted on their moving statistics, and --precise-bn leaves them (train does too)")
+                           f"were fitted on their moving statistics, and which of them trained then is not "
+                           f"rebuilt here")
+        epoch = best
     data_dir = str(data_dir or recorded_data_dir(run.config))
     cfg = TrainConfig.from_record(run.options, data_dir=data_dir, workers=workers, verbose=0)
     examples, _ = split_examples(run, data_dir, "train")
     train_batches = scanned_training_batches(cfg, examples)
-    used, layers = recompute_after_training(run.model, train_batches, sum(phase_epochs), batches)
+    used, layers = recompute_after_epoch(run.model, train_batches, epoch, batches)
     # `requested` names the file (an epoch may hold fewer batches than asked for: all of them are used).
-    return {"requested": batches, "batches": used, "layers": layers, "epoch": sum(phase_epochs)}
+    return {"requested": batches, "batches": used, "layers": layers, "epoch": epoch}
 
 
 def evaluation_path(run: TrainedRun, split: str, precise_bn: int = 0) -> Path:

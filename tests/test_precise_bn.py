@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from tests.conftest import SMALL_MODEL_FLAGS, active_backend
+from training.callbacks import seed_states
 from training.precise_bn import batchnorm_layers, recompute_batchnorm_statistics
 
 
@@ -20,7 +21,8 @@ def _small_model() -> keras.Model:
     x = keras.layers.ReLU()(x)
     x = keras.layers.Conv2D(5, 1, name="conv2")(x)
     x = keras.layers.BatchNormalization(name="frozen_bn")(x)
-    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    x = keras.layers.Dropout(0.5, seed=1)(keras.layers.GlobalAveragePooling2D()(x))
+    outputs = keras.layers.Dense(2)(x)
     model = keras.Model(inputs, outputs)
     model.get_layer("frozen_bn").trainable = False
     return model
@@ -40,8 +42,12 @@ def test_moving_statistics_become_the_mean_of_the_batch_statistics():
     expected_mean = np.mean([f.mean(axis=(0, 1, 2)) for f in features], axis=0)
     expected_var = np.mean([f.var(axis=(0, 1, 2)) for f in features], axis=0)  # biased, as Keras normalises
 
+    generators = seed_states(model)
     assert batchnorm_layers(model) == [bn]
     assert recompute_batchnorm_statistics(model, iter(batches)) == (3, 1)
+    # Training-mode passes draw dropout masks; the generator is put back, so training between
+    # epochs draws the masks it would have drawn without them.
+    assert seed_states(model) == generators and len(generators) == 1
     np.testing.assert_allclose(np.array(bn.moving_mean), expected_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.array(bn.moving_variance), expected_var, rtol=1e-4, atol=1e-5)
     assert bn.momentum == 0.9  # put back
@@ -106,6 +112,20 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     a, b = (load_run(r).model for r in runs.values())
     for va, vb in zip(a.trainable_weights, b.trainable_weights, strict=True):
         np.testing.assert_allclose(np.array(va), np.array(vb), rtol=1e-5, atol=1e-6, err_msg=va.path)
+    # The validation that picked the best checkpoint read the recomputed statistics: the last
+    # epoch's, in history.csv, is the final weights' validation score in metrics.json.
+    history = (run / "history.csv").read_text().splitlines()
+    last_epoch = dict(zip(history[0].split(","), history[-1].split(","), strict=True))
+    assert abs(float(last_epoch["val_accuracy"]) - metrics["val"]["accuracy"]) < 1e-6
+    assert abs(float(last_epoch["val_loss"]) - metrics["val"]["loss"]) < 1e-5
+    # And best.weights.h5 holds the statistics of its own epoch's end (the first batches of the
+    # epoch after it): evaluate's rule for the best weights finds the same scores.
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--checkpoint", "best", "--precise-bn", "3"])
+    assert result.exit_code == 0, result.output
+    best_rescored = json.loads((run / f"eval-test-{active_backend()}-best-precise-bn3.json").read_text())
+    assert best_rescored["precise_bn"]["epoch"] == metrics["best"]["epoch"]
+    assert best_rescored["accuracy"] == metrics["best"]["test"]["accuracy"]
+    assert abs(best_rescored["loss"] - metrics["best"]["test"]["loss"]) < 1e-5
     assert json.loads((later / "metrics.json").read_text())["precise_bn"] is None
     files = {p: p.read_bytes() for p in later.iterdir() if p.is_file()}
 

@@ -124,9 +124,10 @@ class TrainConfig:
                                   type=PositiveFloat(), flag="--lr", group=OPTIMIZATION)
     adam_epsilon: float = option(KERAS_ADAM_EPSILON, "Adam's epsilon (Keras' default; torch.optim.Adam's is 1e-8).",
                                  type=PositiveFloat(), group=OPTIMIZATION)
-    precise_bn: int = option(0, "After training: recompute every trainable BatchNorm layer's moving mean and "
-                             "variance from N training batches through the final weights (and the best epoch's), "
-                             "the same on every backend (\"precise BN\"); 0: off.", type=click.IntRange(0),
+    precise_bn: int = option(0, "After each epoch, before the validation that picks the best checkpoint: recompute "
+                             "every trainable BatchNorm layer's moving mean and variance from N training batches "
+                             "through the epoch's weights, the same on every backend (\"precise BN\"; costs N "
+                             "forward passes an epoch); 0: off.", type=click.IntRange(0),
                              group=OPTIMIZATION)
     head_epochs: int = option(0, "First phase: epochs with the backbone frozen (0: no such phase).",
                               type=click.IntRange(0), group=OPTIMIZATION)

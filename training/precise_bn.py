@@ -7,7 +7,10 @@ steps, taken while the weights kept changing, so they trail the weights the run 
 accuracy by -10.5 to +18.0 points: the moving averages, not the weights, decided those scores.
 "Precise BN" (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021; fvcore's
 `update_bn_stats`) replaces them with the equal-weight mean of the statistics of N batches
-through the fixed weights, so two runs with the same weights score alike.
+through the fixed weights, so two runs with the same weights score alike. `train --precise-bn N`
+does it after every epoch, before the validation that picks the best checkpoint
+(`PreciseBatchNormEachEpoch`), and once more after training; `evaluate --precise-bn N` does it
+to a finished run's weights.
 
 How, with Keras' own update and on every backend alike: the model runs N batches in training
 mode, eagerly, with each layer's momentum set to (k - 1) / k before batch k, so that after
@@ -26,6 +29,7 @@ import numpy as np
 
 from backend.gradients import training_forward
 from data.loader import MRIBatches, iterate_epoch
+from training.callbacks import restore_seed_states, seed_states
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -37,9 +41,14 @@ def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization
 def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[np.ndarray]) -> tuple[int, int]:
     """Sets every trainable BatchNormalization layer's moving mean and variance to the mean of
     its batch statistics over `batches` (float32 NHWC, as the model takes them), with the
-    weights fixed. Returns `(batches used, layers recomputed)`; no batches leave the model as it was."""
+    weights fixed. Returns `(batches used, layers recomputed)`; no batches leave the model as it was.
+
+    The random generators (dropout's) are put back too: the forward passes run in training mode
+    and would advance them, and a run that does this between epochs must then draw the same
+    dropout masks, so train the same weights, as one that does not."""
     layers = batchnorm_layers(model)
     momenta = [layer.momentum for layer in layers]
+    generators = seed_states(model)
     used = 0
     try:
         for images in batches:
@@ -50,20 +59,45 @@ def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[np.ndar
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+        restore_seed_states(model, generators)
     return used, len(layers) if used else 0
 
 
-def recompute_after_training(model: keras.Model, train_batches: MRIBatches, trained_epochs: int,
-                             batches: int) -> tuple[int, int]:
-    """The batches precise BN takes, after training (`train --precise-bn`) and after the fact
-    (`evaluate --precise-bn`) alike: the first `batches` of the epoch after the last, from the
-    run's own pipeline (augmented as in training, the same bytes on every backend). One place, so
-    the two stay the same computation. Returns `(batches used, layers recomputed)`."""
+def recompute_after_epoch(model: keras.Model, train_batches: MRIBatches, trained_epochs: int,
+                          batches: int) -> tuple[int, int]:
+    """The batches precise BN takes for weights that trained `trained_epochs` epochs, in training
+    (`train --precise-bn`, each epoch and after the last) and after the fact (`evaluate
+    --precise-bn`) alike: the first `batches` of the next epoch, from the run's own pipeline
+    (augmented as in training, the same bytes on every backend). One place, so they stay the same
+    computation. Returns `(batches used, layers recomputed)`."""
     images = (x for x, _ in iterate_epoch(train_batches, trained_epochs, limit=batches))
     return recompute_batchnorm_statistics(model, images)
 
 
+class PreciseBatchNormEachEpoch(keras.callbacks.Callback):
+    """`train --precise-bn N`, during training: at the end of every epoch, the moving statistics
+    recomputed from the first N batches of the next epoch (the rule `recompute_after_epoch`
+    applies after the last), then the validation (fit is given none of its own), whose accuracy
+    picks the best checkpoint. So the choice of best.weights.h5, that file and the resume
+    checkpoint all hold the statistics their scores were read with. The weights do not change:
+    in training mode BatchNorm normalises with the batch's own statistics, so the moving ones
+    never reach a gradient (and the dropout generators are put back).
+
+    Cost: N training-mode forward passes per epoch, run eagerly."""
+
+    def __init__(self, train_batches: MRIBatches, val_batches: keras.utils.PyDataset | None, batches: int) -> None:
+        super().__init__()
+        self.train_batches, self.val_batches, self.batches = train_batches, val_batches, batches
+
+    def on_epoch_end(self, epoch, logs=None):
+        recompute_after_epoch(self.model, self.train_batches, epoch + 1, self.batches)
+        if self.val_batches is not None and logs is not None:
+            scores = self.model.evaluate(self.val_batches, verbose=0, return_dict=True)
+            logs.update({f"val_{name}": float(value) for name, value in scores.items()})
+
+
 def best_epoch_gets_it(best_epoch: int, phase_epochs: list[int]) -> bool:
-    """Whether the best epoch's weights get precise BN: only from the last phase (an earlier
-    phase's weights were fitted with other layers frozen, on their moving statistics)."""
+    """Whether `evaluate --precise-bn --checkpoint best` can recompute the best epoch's statistics:
+    only when it is from the last phase, whose trainable layers the rebuilt model has (an earlier
+    phase trained other layers, and fitted the frozen ones' weights to their moving statistics)."""
     return best_epoch > sum(phase_epochs) - phase_epochs[-1]

@@ -47,7 +47,7 @@ from training.callbacks import (
 )
 from training.config import Preflight, TrainConfig, preflight
 from training.metrics import classification_report, format_table, result_rows, results_row
-from training.precise_bn import best_epoch_gets_it, recompute_after_training
+from training.precise_bn import PreciseBatchNormEachEpoch, recompute_after_epoch
 from training.resume import reconcile_run_dir
 from training.rundir import (
     BEST,
@@ -388,16 +388,21 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
     )
     guard, checkpoints = NonFiniteGuard(), Checkpoints(run_dir, "val_accuracy" if data.val else "accuracy", state,
                                                   run_id)
+    # --precise-bn: the validation runs after the statistics are recomputed, in the callback.
+    precise = ([PreciseBatchNormEachEpoch(train_batches, distribute.for_evaluation(val_batches)
+                                          if val_batches is not None else None, cfg.precise_bn)]
+               if cfg.precise_bn else [])
+    fit_validation = None if precise or val_batches is None else distribute.for_evaluation(val_batches)
     stability = StabilityMonitor(*probe_batch(cfg, data.train, data.cache), run_dir,
                                  resume_epochs=state["epoch"] if state else 0)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         fit_phases(
-            model, phases, distribute.for_training(train_batches),
-            distribute.for_evaluation(val_batches) if val_batches is not None else None,
+            model, phases, distribute.for_training(train_batches), fit_validation,
             # Order matters: the replicas' callback averages the training logs over processes
-            # first; the timer and the stability log add to the logs history.csv gets.
-            [*distribute.replica_callbacks(model), EpochSync(train_batches), EpochTimer(len(data.train)), guard,
-             stability, checkpoints, *([stop] if stop else [])],
+            # first; precise BN's validation adds to them before the checkpoints read them; the
+            # timer and the stability log add to the logs history.csv gets.
+            [*distribute.replica_callbacks(model), *precise, EpochSync(train_batches), EpochTimer(len(data.train)),
+             guard, stability, checkpoints, *([stop] if stop else [])],
             run_dir / "history.csv", cfg.verbose, log, resume_from=run_dir / LAST if state else None,
         )
     if guard.event:
@@ -416,13 +421,9 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
+        # best.weights.h5 already holds precise statistics: they were recomputed (from the first
+        # batches of the epoch after it) before the validation that chose it.
         load_model_weights(model, run_dir / BEST)
-        if precise and best_epoch_gets_it(checkpoints.best_epoch, [p.epochs for p in phases]):
-            # The best epoch's weights get theirs too, and the file keeps them, so --checkpoint
-            # best agrees with metrics.json.
-            _precise_batchnorm(model, cfg, train_batches, trained_epochs, log)
-            save_weights(model, run_dir / BEST, checkpoint_state(run_dir / BEST), with_optimizer=False)
-            precise["best"] = True
         best, best_predicted = _evaluate(model, data, cfg)
     if final_predicted is not None:
         write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
@@ -451,9 +452,9 @@ def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIB
     last (the pipeline's own, augmented as in training, the same bytes on every backend)."""
     if not cfg.precise_bn:
         return None
-    used, layers = recompute_after_training(model, train_batches, epoch, cfg.precise_bn)
+    used, layers = recompute_after_epoch(model, train_batches, epoch, cfg.precise_bn)
     log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
-    return {"batches": used, "layers": layers, "epoch": epoch, "best": False}
+    return {"batches": used, "layers": layers, "epoch": epoch, "best": True}  # best: at its epoch's end
 
 
 def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,
