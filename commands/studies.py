@@ -130,9 +130,9 @@ def _grid_command(kind: str, out: str | None, files: tuple[str, ...], run: Calla
                    "only, backbone frozen) and write the readings table.")
 @click.option("--rescore-precise-bn", default=0, show_default=True, type=click.IntRange(0), metavar="N",
               cls=GroupedOption, group="Comparison",
-              help="Also score every step's runs with BatchNorm statistics recomputed from N training batches "
-                   "(`evaluate --precise-bn N`: the scores of runs trained with --precise-bn N, without training "
-                   "again) and write the table before and after. 0: off.")
+              help="Also score every run (the readings' too) with BatchNorm statistics recomputed from N training "
+                   "batches (`evaluate --precise-bn N`: the scores of runs trained with --precise-bn N, without "
+                   "training again) and write the tables before and after. 0: off.")
 @config_file_option(TrainConfig)
 @user_errors
 def reproduce(backends, seeds, readings, rescore_precise_bn, out, config_file, **options) -> None:

@@ -166,17 +166,26 @@ def readings_table(results: list[dict], steps: list[Step], readings: list[Step],
     return rows
 
 
-def format_readings(rows: list[dict], first_step: str | None) -> list[str]:
+def format_readings(rows: list[dict], first_step: str | None, rescored: list[dict] | None = None) -> list[str]:
+    """The readings table; with `rescored` (the same table from the runs scored with precise
+    BatchNorm), each number as trained and with precise BN side by side."""
     if not rows:
         return []
-    header = ["reading of the Keras text", "backend", "baseline test accuracy",
-              f"{first_step} step measured from it" if first_step else "first step"]
+    step = f"{first_step} step measured from it" if first_step else "first step"
+    header = ["reading of the Keras text", "backend", "baseline test accuracy", step]
     table = [[r["reading"], r["backend"], stats.cell(r["accuracy"]), comparison_cell(r["first_step"] or None)]
              for r in rows]
+    if rescored:
+        header = ["reading of the Keras text", "backend", "baseline test accuracy, as trained", "with precise BN",
+                  f"{step}, as trained", "with precise BN"]
+        table = [[r["reading"], r["backend"], stats.cell(r["accuracy"]), stats.cell(p["accuracy"]),
+                  comparison_cell(r["first_step"] or None), comparison_cell(p["first_step"] or None)]
+                 for r, p in zip(rows, rescored, strict=True)]
     return ["## The study's Keras text, read other ways", "",
             "The baseline (seed-keras) under each reading of its text, and how large the first step looks "
-            "when measured from that reading (the step's runs minus the reading's, paired by seed):", "",
-            markdown_table(header, table, "llrr"), ""]
+            "when measured from that reading (the step's runs minus the reading's, paired by seed)"
+            + (" as trained, and with every run scored with precise BatchNorm (below)" if rescored else "") + ":", "",
+            markdown_table(header, table, "llrr" + "rr" * bool(rescored)), ""]
 
 
 def rescored_path(result: dict, batches: int) -> Path:
@@ -269,7 +278,7 @@ def format_precise_bn(rows: list[dict], batches: int) -> list[str]:
 
 def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, ...], seeds: list[int],
                   command: str, failures: list[dict], readings: list[dict] | None = None,
-                  precise: tuple[list[dict], int] | None = None) -> str:
+                  precise: tuple[list[dict], int] | None = None, precise_readings: list[dict] | None = None) -> str:
     """reproduce.md: the path, the table, a sentence per effect, the chart."""
     md = ["# The Keras-vs-PyTorch gap, one factor at a time", "", f"Command: `{command}`", "",
           f"Backends {', '.join(backends)}; seeds {', '.join(map(str, seeds))}. Test accuracy in percent, "
@@ -289,7 +298,7 @@ def format_report(decomposition: dict, steps: list[Step], backends: tuple[str, .
                 second = f"{r['step']} on {other}" if other else "the step before"
                 sentence = stats.verdict(comparison["interval"], first, second, noise=comparison_noise(comparison))
                 md.append(f"- {what} effect, {r['step']} ({r['backend']}): {sentence}")
-    md += ["", *format_readings(readings or [], steps[1].name if len(steps) > 1 else None)]
+    md += ["", *format_readings(readings or [], steps[1].name if len(steps) > 1 else None, precise_readings)]
     md += format_precise_bn(*precise) if precise else []
     md += ["![waterfall](waterfall.png)", "", "![curves](curves.png)", ""]
     if failures:
@@ -371,7 +380,7 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
                   rescore_precise_bn: int = 0) -> dict:
     """Trains every step on every backend and seed (reusing finished runs in `out_dir`), and with
     `readings` the baseline under each other reading too; with `rescore_precise_bn` N, scores every
-    run again with precise BatchNorm (`rescored_results`); writes reproduce.md, reproduce.json,
+    run (the readings' too) again with precise BatchNorm (`rescored_results`); writes reproduce.md, reproduce.json,
     waterfall.png and curves.png; returns the report."""
     command = invoked_command("reproduce")
     steps = plan_steps(fixed)
@@ -381,13 +390,15 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
                                     num_classes, log)
     decomposition = decompose(results, steps, backends)
     reading_rows = readings_table(results, steps, other_readings, backends) if readings else []
-    precise_rows = []
-    if rescore_precise_bn:
-        stepped = [r for r in results if r["cell"] in {s.name for s in steps}]
-        precise_rows = precise_bn_table(stepped, rescored_results(stepped, rescore_precise_bn, log),
-                                        steps, backends)
+    precise_rows, precise_reading_rows = [], []
+    if rescore_precise_bn:  # every run, the readings' too: whether a reading differs beyond its statistics
+        rescored = rescored_results(results, rescore_precise_bn, log)
+        stepped = {s.name for s in steps}
+        precise_rows = precise_bn_table([r for r in results if r["cell"] in stepped],
+                                        [r for r in rescored if r["cell"] in stepped], steps, backends)
+        precise_reading_rows = readings_table(rescored, steps, other_readings, backends) if readings else []
     text = format_report(decomposition, steps, backends, seeds, command, failures, reading_rows,
-                         (precise_rows, rescore_precise_bn) if rescore_precise_bn else None)
+                         (precise_rows, rescore_precise_bn) if rescore_precise_bn else None, precise_reading_rows)
     plot_waterfall(decomposition, steps, backends, out_dir / "waterfall.png")
     plot_curves(results, out_dir / "curves.png")
     with atomic_write(out_dir / "reproduce.md") as tmp:
@@ -398,7 +409,8 @@ def run_reproduce(options: dict, fixed: dict, backends: tuple[str, ...], seeds: 
         "runs": results, "failures": failures, "decomposition": _json_ready(decomposition),
         "readings": _json_ready({"rows": reading_rows})["rows"],
         "precise_bn": {"batches": rescore_precise_bn,
-                       "rows": _json_ready({"rows": precise_rows})["rows"]} if rescore_precise_bn else None,
+                       "rows": _json_ready({"rows": precise_rows})["rows"],
+                       "readings": _json_ready({"rows": precise_reading_rows})["rows"]} if rescore_precise_bn else None,
     }
     write_json(out_dir / "reproduce.json", report)
     return report | {"markdown": text}

@@ -81,14 +81,24 @@ def test_no_batches_change_nothing():
         np.testing.assert_array_equal(old, np.array(new))
 
 
-def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(demo_dir, tmp_path):
+def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(demo_dir, tmp_path, monkeypatch):
     """`reproduce`'s bn-momentum step: the momentum changes only the moving averages, so its two
     arms train the same weights; with precise BN the statistics come from the same batches
     through those weights, and the two score alike. One arm trains with --precise-bn, the other
     without and is scored by `evaluate --precise-bn` afterwards: the same scores, so a finished
     run scored that way is one trained with the option. Also what the run records and keeps."""
+    import training.precise_bn
     from inference.run import load_run
 
+    epochs_recomputed = []  # each epoch's statistics once: the last epoch's are the final weights'
+    recompute = training.precise_bn.recompute_after_epoch
+
+    def counted(model, batches, epoch, n):
+        epochs_recomputed.append(epoch)
+        return recompute(model, batches, epoch, n)
+
+    for module in ("training.precise_bn", "training.train"):  # the callback's and the run's end
+        monkeypatch.setattr(f"{module}.recompute_after_epoch", counted)
     runs = {}
     for momentum, precise in (("0.99", ["--precise-bn", "3"]), ("0.5", [])):
         runs[momentum] = tmp_path / momentum
@@ -102,8 +112,8 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     final, best = load_run(run), load_run(run, "best")
     # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
     every = [layer for layer in final.model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    assert metrics["precise_bn"] == {"batches": 3, "layers": len(batchnorm_layers(final.model)), "epoch": 2,
-                                     "best": True}
+    assert metrics["precise_bn"] == {"batches": 3, "layers": len(batchnorm_layers(final.model)), "epoch": 2}
+    assert epochs_recomputed == [1, 2]
     assert metrics["precise_bn"]["layers"] == len(every) > 20
     assert json.loads((run / "config.json").read_text())["options"]["precise_bn"] == 3
     if metrics["best"]["epoch"] == 2:  # the best epoch is the last: model.keras and best.weights.h5 agree

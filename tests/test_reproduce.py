@@ -159,6 +159,7 @@ def test_an_accuracy_interval_stays_within_0_and_100_percent(tmp_path):
 
 
 def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_changed(tmp_path):
+    from studies import stats
     from studies.reproduce import READINGS, RECIPE_READING, format_readings, plan_readings, readings_table
 
     readings = plan_readings({"weights": "none"})
@@ -180,6 +181,17 @@ def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_c
                - (caffe["accuracy"].mean + caffe["first_step"]["interval"].mean)) < 1e-9  # the same step runs
     text = "\n".join(format_readings(rows, steps[1].name))
     assert "read other ways" in text and "preprocess_input alone (caffe)" in text and "preprocess step" in text
+    # With precise BN (`--rescore-precise-bn`): the same table from the rescored runs, beside it.
+    rescored = [dict(r, row={"Test Accuracy": 1 - r["row"]["Test Accuracy"]}) for r in results]  # each score: 1 - it
+    after = readings_table(rescored, steps, readings, ("torch",))
+    assert after[1]["accuracy"].mean == pytest.approx(1 - caffe["accuracy"].mean)
+    lines = "\n".join(format_readings(rows, steps[1].name, after)).splitlines()
+    table = [line for line in lines if line.startswith("| preprocess_input alone")]
+    header = next(line for line in lines if line.startswith("| reading of the Keras text"))
+    assert len(table) == 1 and header.count("with precise BN") == 2
+    assert after[1]["first_step"]["interval"].mean == pytest.approx(-caffe["first_step"]["interval"].mean)
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cells[2:4] == [stats.cell(caffe["accuracy"]), stats.cell(after[1]["accuracy"])]  # as trained, then precise
 
 
 def test_a_finished_run_of_a_cell_whose_definition_changed_is_not_reused(tmp_path):

@@ -9,8 +9,8 @@ accuracy by -10.5 to +18.0 points: the moving averages, not the weights, decided
 `update_bn_stats`) replaces them with the equal-weight mean of the statistics of N batches
 through the fixed weights, so two runs with the same weights score alike. `train --precise-bn N`
 does it after every epoch, before the validation that picks the best checkpoint
-(`PreciseBatchNormEachEpoch`), and once more after training; `evaluate --precise-bn N` does it
-to a finished run's weights.
+(`PreciseBatchNormEachEpoch`; the last epoch's are the final weights'); `evaluate --precise-bn N`
+does it to a finished run's weights.
 
 How, with Keras' own update and on every backend alike: the model runs N batches in training
 mode, eagerly, with each layer's momentum set to (k - 1) / k before batch k, so that after
@@ -88,9 +88,11 @@ class PreciseBatchNormEachEpoch(keras.callbacks.Callback):
     def __init__(self, train_batches: MRIBatches, val_batches: keras.utils.PyDataset | None, batches: int) -> None:
         super().__init__()
         self.train_batches, self.val_batches, self.batches = train_batches, val_batches, batches
+        self.recomputed: dict | None = None  # the last: {"batches", "layers", "epoch"}, as metrics.json records it
 
     def on_epoch_end(self, epoch, logs=None):
-        recompute_after_epoch(self.model, self.train_batches, epoch + 1, self.batches)
+        used, layers = recompute_after_epoch(self.model, self.train_batches, epoch + 1, self.batches)
+        self.recomputed = {"batches": used, "layers": layers, "epoch": epoch + 1}
         if self.val_batches is not None and logs is not None:
             scores = self.model.evaluate(self.val_batches, verbose=0, return_dict=True)
             logs.update({f"val_{name}": float(value) for name, value in scores.items()})

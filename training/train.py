@@ -16,6 +16,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -377,9 +378,18 @@ def _record_data(run_dir: Path, cfg: TrainConfig, data: RunData, log: Callable[[
     return record
 
 
+class Trained(NamedTuple):
+    """What `train_model` hands `score_and_write`."""
+
+    checkpoints: Checkpoints
+    stability: StabilityMonitor
+    train_batches: MRIBatches
+    precise: PreciseBatchNormEachEpoch | None  # --precise-bn: it knows the last epoch it recomputed
+
+
 def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData, run_dir: Path,
                 state: dict | None, run_id: str | None, log: Callable[[str], None],
-                stop: SignalStop | None = None) -> tuple[Checkpoints, StabilityMonitor, MRIBatches]:
+                stop: SignalStop | None = None) -> Trained:
     """Fits the phases with the run's callbacks (from the checkpoint's epoch when `state` is a
     resumed run's); raises `DivergedError` when the loss became non-finite."""
     train_batches = training_batches(cfg, data.train, data.cache)
@@ -407,17 +417,16 @@ def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data:
         )
     if guard.event:
         raise DivergedError(_diverged_message(guard.event, checkpoints, run_dir, cfg))
-    return checkpoints, stability, train_batches
+    return Trained(checkpoints, stability, train_batches, precise[0] if precise else None)
 
 
 def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir: Path, phases: list[Phase],
-                    trained: tuple[Checkpoints, StabilityMonitor, MRIBatches], log: Callable[[str], None]) -> dict:
+                    trained: Trained, log: Callable[[str], None]) -> dict:
     """model.keras (the final weights), the metrics of the final and the best epoch's weights
     in metrics.json, and the results table in the log."""
-    checkpoints, _, train_batches = trained
-    trained_epochs = sum(p.epochs for p in phases)
+    checkpoints = trained.checkpoints
     with _out_of_memory_stops_the_run(checkpoints, cfg):
-        precise = _precise_batchnorm(model, cfg, train_batches, trained_epochs, log)
+        precise = _precise_batchnorm(model, cfg, trained, sum(p.epochs for p in phases), log)
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
@@ -446,20 +455,26 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     return metrics
 
 
-def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, train_batches: MRIBatches, epoch: int,
+def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, trained: Trained, epoch: int,
                        log: Callable[[str], None]) -> dict | None:
     """`--precise-bn N`: the moving statistics from the first N batches of epoch `epoch`, the one after the
-    last (the pipeline's own, augmented as in training, the same bytes on every backend)."""
+    last (the pipeline's own, augmented as in training, the same bytes on every backend). The
+    callback did exactly that at the last epoch's end, unless this process trained no epoch (a
+    resume after the last one): then it is done here."""
     if not cfg.precise_bn:
         return None
-    used, layers = recompute_after_epoch(model, train_batches, epoch, cfg.precise_bn)
-    log(f"Precise BatchNorm: {layers} layers' moving statistics recomputed from {used} training batches")
-    return {"batches": used, "layers": layers, "epoch": epoch, "best": True}  # best: at its epoch's end
+    done = trained.precise.recomputed if trained.precise else None
+    if done is None or done["epoch"] != epoch:
+        used, layers = recompute_after_epoch(model, trained.train_batches, epoch, cfg.precise_bn)
+        done = {"batches": used, "layers": layers, "epoch": epoch}
+    log(f"Precise BatchNorm: {done['layers']} layers' moving statistics recomputed from {done['batches']} "
+        "training batches")
+    return done
 
 
 def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,
-             trained: tuple[Checkpoints, StabilityMonitor, MRIBatches], data: RunData) -> dict:
-    checkpoints, stability, train_batches = trained
+             trained: Trained, data: RunData) -> dict:
+    checkpoints, stability, train_batches, _ = trained
     best_epoch = checkpoints.best_epoch - 1
     return {
         "backend": keras.backend.backend(),
