@@ -57,6 +57,10 @@ def test_one_step_on_two_devices_is_one_step_on_one_device(tmp_path, demo_dir):
     assert found["moving_mean_difference"] <= 1e-5 * found["moving_mean_change"], found
     assert found["prediction_difference"] <= 1e-5 * found["prediction_scale"], found
     assert found["replicas_agree"]
+    # --precise-bn on the replicas: the statistics and predictions of one device recomputing them.
+    assert found["precise_changed"] > 1e-4 * found["prediction_scale"]  # it changed something to compare
+    assert found["precise_difference"] <= 1e-5 * found["precise_scale"], found
+    assert found["precise_prediction_difference"] <= 1e-5 * found["prediction_scale"], found
 
 
 # A setting that learns the phantoms in seconds and ends on a settled point (cosine decay): the
@@ -187,7 +191,9 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
     of 8 demo images, the small model without dropout: one SGD step with BatchNorm frozen (the
     weights must agree), and one with BatchNorm training (the first BatchNorm layer's moving mean,
     whose input is the same on both, must agree after the replicas share their statistics; and the
-    replicas' predictions of 5 images must be those of one device holding rank 0's weights).
+    replicas' predictions of 5 images must be those of one device holding rank 0's weights). Then
+    precise BatchNorm (`--precise-bn`) on the replicas from the batch: every moving statistic and
+    the predictions must be those of one device recomputing them from the same weights.
     Writes out/step.json."""
     from backend.determinism import set_random_seed
     from backend.parallel import average_across_processes, data_parallel_environment
@@ -196,9 +202,10 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
     import keras
 
     from backend import distribute
-    from data.loader import MRIBatches
+    from data.loader import MRIBatches, iterate_epoch
     from model import build_model
     from training.config import TrainConfig
+    from training.precise_bn import recompute_batchnorm_statistics
     from training.schedule import training_loss
     from training.train import training_batches
 
@@ -211,6 +218,13 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
 
     def values(model) -> list[np.ndarray]:
         return [keras.ops.convert_to_numpy(v.value) for v in model.trainable_variables]
+
+    def moving_statistics(model) -> list[np.ndarray]:
+        return [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables if v.name.startswith("moving_")]
+
+    def precise(model) -> list[np.ndarray]:  # what `--precise-bn` does at an epoch's end
+        recompute_batchnorm_statistics(model, [images for images, _ in iterate_epoch(batches, 0)])
+        return moving_statistics(model)
 
     def first_moving_mean(model) -> np.ndarray:
         return keras.ops.convert_to_numpy(next(v for v in model.non_trainable_variables if v.name == "moving_mean"))
@@ -252,11 +266,13 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
         moving_mean, predicted = first_moving_mean(model), distribute.predict(model, five, 5)
         if replica.writes:
             model.save_weights(files["trained"])
+        precise_statistics, precise_predicted = precise(model), distribute.predict(model, five, 5)
     if not replica.writes:
         return
     reference_loss, before, after = one_step(started(files["start"]), frozen_batchnorm=True)
     reference = started(files["start"])
     one_step(reference, frozen_batchnorm=False)
+    one_device = started(files["trained"])
     (Path(out) / "step.json").write_text(json.dumps({
         "devices": replica.devices, "global_batch": cfg.batch_size, "engine": replica.engine,
         "max_difference": max(float(np.abs(a - t).max()) for a, t in zip(after, trained, strict=True)),
@@ -267,6 +283,12 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
         "prediction_difference": float(np.abs(distribute.predict(started(files["trained"]), five, 5)
                                               - predicted).max()),
         "prediction_scale": float(np.abs(predicted).max()), "replicas_agree": agreed,
+        "precise_difference": max(float(np.abs(a - b).max())
+                                  for a, b in zip(precise(one_device), precise_statistics, strict=True)),
+        "precise_scale": max(float(np.abs(a).max()) for a in precise_statistics),
+        "precise_prediction_difference": float(np.abs(distribute.predict(one_device, five, 5)
+                                                      - precise_predicted).max()),
+        "precise_changed": float(np.abs(precise_predicted - predicted).max()),
     }))
 
 
