@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -100,7 +101,7 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     for module in ("training.precise_bn", "training.train"):  # the callback's and the run's end
         monkeypatch.setattr(f"{module}.recompute_after_epoch", counted)
     runs = {}
-    for momentum, precise in (("0.99", ["--precise-bn", "3"]), ("0.5", [])):
+    for momentum, precise in (("0.99", ["--precise-bn", "3", "--keep-checkpoints", "all"]), ("0.5", [])):
         runs[momentum] = tmp_path / momentum
         result = CliRunner().invoke(cli, ["train", "--data-dir", str(demo_dir), "--image-size", "32", "--epochs", "2",
                                           "--weights", "none", "--batch-size", "8", "--bn-momentum", momentum,
@@ -108,6 +109,10 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
                                           "--verbose", "0", *SMALL_MODEL_FLAGS])
         assert result.exit_code == 0, result.output
     run, later = runs["0.99"], runs["0.5"]
+    resumed = tmp_path / "resumed"  # stopped after its last checkpoint, before model.keras: a full disk
+    shutil.copytree(run, resumed)
+    for name in ("model.keras", "metrics.json"):
+        (resumed / name).unlink()
     metrics = json.loads((run / "metrics.json").read_text())
     final, best = load_run(run), load_run(run, "best")
     # Every BatchNorm layer of the cut ResNet50 (trained on batch statistics: --bn-train) and the head's.
@@ -155,3 +160,14 @@ def test_with_precise_bn_the_batchnorm_momentum_step_no_longer_moves_the_scores(
     assert result.exit_code == 0, result.output
     whole = json.loads((later / f"eval-test-{active_backend()}-precise-bn500.json").read_text())["precise_bn"]
     assert whole["requested"] == 500 and 3 < whole["batches"] < 500
+    # Resumed after its last epoch, the process trains none: the run's end recomputes the last
+    # epoch's statistics itself, from the same batches, so it ends as the uninterrupted run did.
+    epochs_recomputed.clear()
+    result = CliRunner().invoke(cli, ["train", "--resume", str(resumed)])
+    assert result.exit_code == 0, result.output
+    assert epochs_recomputed == [2]
+    again = json.loads((resumed / "metrics.json").read_text())
+    assert again["precise_bn"] == metrics["precise_bn"]
+    assert (again["test"]["accuracy"], again["test"]["loss"]) == (metrics["test"]["accuracy"], metrics["test"]["loss"])
+    for x, y in zip(final.model.weights, load_run(resumed).model.weights, strict=True):
+        np.testing.assert_array_equal(np.array(x), np.array(y), err_msg=x.path)

@@ -160,6 +160,7 @@ def test_an_accuracy_interval_stays_within_0_and_100_percent(tmp_path):
 
 def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_changed(tmp_path):
     from studies import stats
+    from studies.compare import comparison_cell
     from studies.reproduce import READINGS, RECIPE_READING, format_readings, plan_readings, readings_table
 
     readings = plan_readings({"weights": "none"})
@@ -192,6 +193,7 @@ def test_the_other_readings_of_the_keras_text_are_the_baseline_with_one_option_c
     assert after[1]["first_step"]["interval"].mean == pytest.approx(-caffe["first_step"]["interval"].mean)
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert cells[2:4] == [stats.cell(caffe["accuracy"]), stats.cell(after[1]["accuracy"])]  # as trained, then precise
+    assert cells[4:6] == [comparison_cell(caffe["first_step"]), comparison_cell(after[1]["first_step"])]
 
 
 def test_a_finished_run_of_a_cell_whose_definition_changed_is_not_reused(tmp_path):

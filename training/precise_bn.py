@@ -66,7 +66,7 @@ def recompute_batchnorm_statistics(model: keras.Model, batches: Iterable[np.ndar
 def recompute_after_epoch(model: keras.Model, train_batches: MRIBatches, trained_epochs: int,
                           batches: int) -> tuple[int, int]:
     """The batches precise BN takes for weights that trained `trained_epochs` epochs, in training
-    (`train --precise-bn`, each epoch and after the last) and after the fact (`evaluate
+    (`train --precise-bn`, at each epoch's end) and after the fact (`evaluate
     --precise-bn`) alike: the first `batches` of the next epoch, from the run's own pipeline
     (augmented as in training, the same bytes on every backend). One place, so they stay the same
     computation. Returns `(batches used, layers recomputed)`."""
@@ -76,8 +76,8 @@ def recompute_after_epoch(model: keras.Model, train_batches: MRIBatches, trained
 
 class PreciseBatchNormEachEpoch(keras.callbacks.Callback):
     """`train --precise-bn N`, during training: at the end of every epoch, the moving statistics
-    recomputed from the first N batches of the next epoch (the rule `recompute_after_epoch`
-    applies after the last), then the validation (fit is given none of its own), whose accuracy
+    recomputed from the first N batches of the next epoch (`recompute_after_epoch`; the last
+    epoch's are the final weights', recorded in `recomputed`), then the validation (fit is given none of its own), whose accuracy
     picks the best checkpoint. So the choice of best.weights.h5, that file and the resume
     checkpoint all hold the statistics their scores were read with. The weights do not change:
     in training mode BatchNorm normalises with the batch's own statistics, so the moving ones

@@ -384,7 +384,7 @@ class Trained(NamedTuple):
     checkpoints: Checkpoints
     stability: StabilityMonitor
     train_batches: MRIBatches
-    precise: PreciseBatchNormEachEpoch | None  # --precise-bn: it knows the last epoch it recomputed
+    precise_callback: PreciseBatchNormEachEpoch | None  # --precise-bn: it knows the last epoch it recomputed
 
 
 def train_model(cfg: TrainConfig, model: keras.Model, phases: list[Phase], data: RunData, run_dir: Path,
@@ -426,7 +426,7 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
     in metrics.json, and the results table in the log."""
     checkpoints = trained.checkpoints
     with _out_of_memory_stops_the_run(checkpoints, cfg):
-        precise = _precise_batchnorm(model, cfg, trained, sum(p.epochs for p in phases), log)
+        precise_record = _precise_batchnorm(model, cfg, trained, sum(p.epochs for p in phases), log)
     save_model_file(model, run_dir / MODEL_FILE)
     with _out_of_memory_stops_the_run(checkpoints, cfg):
         final, final_predicted = _evaluate(model, data, cfg)
@@ -438,7 +438,7 @@ def score_and_write(model: keras.Model, cfg: TrainConfig, data: RunData, run_dir
         write_test_predictions(run_dir / PREDICTIONS_FILE, data, final_predicted, best_predicted)
     history = read_history(run_dir)  # every epoch, also those before a resume
     metrics = _metrics(cfg, model, phases, history, final, best, trained, data)
-    metrics["precise_bn"] = precise
+    metrics["precise_bn"] = precise_record
     # Which run the files belong to: evaluate, report and --resume check them (check_run_files).
     metrics.update(run_id=checkpoints.run_id, model_sha256=file_sha256(run_dir / MODEL_FILE))
     write_json(run_dir / "metrics.json", metrics)
@@ -463,18 +463,18 @@ def _precise_batchnorm(model: keras.Model, cfg: TrainConfig, trained: Trained, e
     resume after the last one): then it is done here."""
     if not cfg.precise_bn:
         return None
-    done = trained.precise.recomputed if trained.precise else None
+    done = trained.precise_callback.recomputed if trained.precise_callback else None
     if done is None or done["epoch"] != epoch:
         used, layers = recompute_after_epoch(model, trained.train_batches, epoch, cfg.precise_bn)
         done = {"batches": used, "layers": layers, "epoch": epoch}
     log(f"Precise BatchNorm: {done['layers']} layers' moving statistics recomputed from {done['batches']} "
-        "training batches")
+        f"training batches (the first of epoch {epoch + 1}, after the last)")
     return done
 
 
 def _metrics(cfg: TrainConfig, model: keras.Model, phases: list[Phase], history: dict, final: dict, best: dict,
              trained: Trained, data: RunData) -> dict:
-    checkpoints, stability, train_batches, _ = trained
+    checkpoints, stability, train_batches = trained.checkpoints, trained.stability, trained.train_batches
     best_epoch = checkpoints.best_epoch - 1
     return {
         "backend": keras.backend.backend(),
