@@ -272,7 +272,7 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
     reference_loss, before, after = one_step(started(files["start"]), frozen_batchnorm=True)
     reference = started(files["start"])
     one_step(reference, frozen_batchnorm=False)
-    one_device = started(files["trained"])
+    one_device = started(files["trained"])  # rank 0's weights on one device; precise BN changes it last
     (Path(out) / "step.json").write_text(json.dumps({
         "devices": replica.devices, "global_batch": cfg.batch_size, "engine": replica.engine,
         "max_difference": max(float(np.abs(a - t).max()) for a, t in zip(after, trained, strict=True)),
@@ -280,8 +280,7 @@ def step(data_dir: str, out: str, fail_rank: int | None) -> None:
         "loss": loss, "reference_loss": reference_loss,
         "moving_mean_difference": float(np.abs(first_moving_mean(reference) - moving_mean).max()),
         "moving_mean_change": float(np.abs(first_moving_mean(reference)).max()),  # it starts at 0
-        "prediction_difference": float(np.abs(distribute.predict(started(files["trained"]), five, 5)
-                                              - predicted).max()),
+        "prediction_difference": float(np.abs(distribute.predict(one_device, five, 5) - predicted).max()),
         "prediction_scale": float(np.abs(predicted).max()), "replicas_agree": agreed,
         "precise_difference": max(float(np.abs(a - b).max())
                                   for a, b in zip(precise(one_device), precise_statistics, strict=True)),

@@ -77,8 +77,8 @@ def recompute_after_epoch(model: keras.Model, train_batches: MRIBatches, trained
 class PreciseBatchNormEachEpoch(keras.callbacks.Callback):
     """`train --precise-bn N`, during training: at the end of every epoch, the moving statistics
     recomputed from the first N batches of the next epoch (`recompute_after_epoch`; the last
-    epoch's are the final weights', recorded in `recomputed`), then the validation (fit is given none of its own), whose accuracy
-    picks the best checkpoint. So the choice of best.weights.h5, that file and the resume
+    epoch's are the final weights', recorded in `recomputed`), then the validation (fit is given
+    none of its own), whose accuracy picks the best checkpoint. So the choice of best.weights.h5, that file and the resume
     checkpoint all hold the statistics their scores were read with. The weights do not change:
     in training mode BatchNorm normalises with the batch's own statistics, so the moving ones
     never reach a gradient (and the dropout generators are put back).
